@@ -1,0 +1,251 @@
+"""The one configuration schema of mtp_dist.
+
+Typed omegaconf structured configs: every recipe in configs/ is a YAML file merged onto these
+dataclasses, and the CLI adds `key=value` dotlist overrides. A wrong key or type fails with a
+one-line `ConfigError` naming the key; `validate` checks the arithmetic omegaconf cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line that names the offending key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 means 'take it from the tokenizer' (the usual case)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Transformer layers of the equivalent next-token model (trunk + its one head layer)."""
+    n_attn_heads: int = 4
+    """Attention heads per layer (d_model must be divisible by it)."""
+    ffn_hidden: int = 0
+    """SwiGLU hidden width; 0 means the Llama rule: 2/3 * 4 * d_model rounded up to 64."""
+    n_future: int = 4
+    """Number of output heads n; head i predicts token t+i. n=1 is the next-token baseline."""
+    parameter_matched: bool = True
+    """Take the n-1 extra head layers out of the trunk so total layers stay n_layers."""
+    max_seq_len: int = 256
+    """Longest sequence the rotary tables cover (training context and generation limit)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    loss_impl: str = "sequential"
+    """'sequential' (one head's logits alive at a time) or 'naive' (all heads in one graph)."""
+
+    @property
+    def trunk_layers(self) -> int:
+        extra = self.n_future if self.parameter_matched else 1
+        return self.n_layers - extra
+
+    @property
+    def ffn_width(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return ((8 * self.d_model // 3) + 63) // 64 * 64
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (the running interpreter's standard library .py files) or a directory/file path."""
+    include: list[str] = field(default_factory=lambda: ["**/*.py"])
+    """Glob patterns of files taken from a directory source."""
+    tokenizer: str = "sentencepiece"
+    """'bytes' or 'sentencepiece' (trained on the corpus on first run unless tokenizer_path)."""
+    tokenizer_path: str | None = None
+    """Directory of a saved tokenizer to use instead of training one."""
+    sp_vocab_size: int = 4096
+    """Vocabulary size when the project trains the sentencepiece model itself."""
+    seq_len: int = 128
+    """Trunk context in tokens; each sample carries seq_len + n_future tokens."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation."""
+    shards_dir: str | None = None
+    """Where packed shards live; default <run_dir>/data."""
+    num_workers: int = 0
+    """DataLoader worker processes for the reader."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    seed: int = 0
+    """Seed for weights, data order and every RNG."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp64' (tests)."""
+    log_every: int = 10
+    """Steps between progress/metric lines."""
+    eval_every: int = 100
+    """Steps between validation runs; 0 disables."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    ckpt_every: int = 100
+    """Steps between checkpoints; the final step is always saved."""
+    keep_last: int = 3
+    """Checkpoints kept on disk."""
+    max_bad_steps: int = 5
+    """Consecutive NaN/inf-loss steps tolerated (skipped) before aborting."""
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow."""
+    uri: str | None = None
+    """Tracking URI; default env MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db."""
+    experiment: str = "mtp_dist"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; default the run directory's name."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (Megatron-core)."""
+    pipeline: int = 1
+    """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
+    head: int = 1
+    """Head-parallel size: output heads spread over this many ranks of the last stage."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0 = plain data parallel)."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str = MISSING
+    """Directory holding checkpoints, logs, tokenizer, shards and the MLflow database."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+_CHOICES = {
+    "model.loss_impl": ("sequential", "naive"),
+    "data.tokenizer": ("bytes", "sentencepiece"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16", "fp64"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check what the types cannot: ranges, divisibility, choices. Raises ConfigError."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why} (got {_get(cfg, key)!r})")
+
+    for key, choices in _CHOICES.items():
+        need(_get(cfg, key) in choices, key, f"must be one of {', '.join(choices)}")
+    need(m.n_future >= 1, "model.n_future", "must be >= 1")
+    need(m.d_model >= 1, "model.d_model", "must be >= 1")
+    need(m.n_attn_heads >= 1, "model.n_attn_heads", "must be >= 1")
+    need(m.d_model % m.n_attn_heads == 0, "model.d_model", "must be divisible by n_attn_heads")
+    need((m.d_model // m.n_attn_heads) % 2 == 0, "model.n_attn_heads", "head dim must be even")
+    need(m.trunk_layers >= 0, "model.n_layers", f"too few layers for {m.n_future} heads")
+    need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0")
+    need(d.seq_len >= 1, "data.seq_len", "must be >= 1")
+    need(d.seq_len <= m.max_seq_len, "data.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+    need(t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
+    need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    p = cfg.parallel
+    for key in ("tensor", "pipeline", "head"):
+        need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
+    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    return cfg
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Schema <- recipe YAML <- `key=value` overrides, validated. Errors name the key."""
+    try:
+        merged: DictConfig = OmegaConf.structured(RunConfig)
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.exists():
+                raise ConfigError(f"recipe: no such file {str(path)!r}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r}: expected key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: missing mandatory value")
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    return validate(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:
+    """{'model.d_model': 256, ...}: the whole resolved config as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return out
