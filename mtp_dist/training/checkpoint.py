@@ -1,0 +1,152 @@
+"""Checkpoints: written atomically, found by their completion marker, pruned to the last k.
+
+Layout of one checkpoint directory `<run_dir>/checkpoints/step_00000100/`:
+    model.pt, optimizer.pt   the engine's files (a DeepSpeed engine writes its own instead)
+    trainer.pt               step, data-reader positions, RNG states, bad-step counter
+    config.yaml              the resolved RunConfig
+    tokenizer/               the tokenizer the model was trained with
+    complete.json            written last; a directory without it is never loaded
+
+It is assembled under a temporary name and renamed into place (an atomic rename on POSIX), so a
+crash mid-write leaves either the previous checkpoints or a `.tmp-*` directory that is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, load_config, to_yaml
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """A fresh temporary directory to assemble the checkpoint of `step` in."""
+    tmp = checkpoints_dir(run_dir) / f".tmp-step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, step: int, keep_last: int, meta: dict) -> Path:
+    """Mark `tmp` complete, rename it into place and prune old checkpoints."""
+    (tmp / MARKER).write_text(json.dumps({"step": step, **meta}))
+    final = tmp.parent / f"step_{step:08d}"
+    if final.exists():  # re-saving the same step (e.g. after a restart): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in complete_checkpoints(tmp.parent.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_common(tmp: Path, cfg: RunConfig, tokenizer, trainer_state: dict) -> None:
+    """Everything besides the engine's own files."""
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer.save(tmp / "tokenizer")
+    torch.save(trainer_state, tmp / "trainer.pt")
+
+
+def read_trainer_state(path: Path) -> dict:
+    try:
+        return torch.load(path / "trainer.pt", weights_only=False)
+    except Exception as err:  # a corrupt file must name itself
+        raise CheckpointError(f"cannot read {path / 'trainer.pt'}: {err}") from err
+
+
+def check_tokenizer(cfg: RunConfig, tokenizer, where: Path) -> None:
+    """The model's vocabulary must fit the tokenizer it is used with."""
+    vocab = cfg.model.vocab_size
+    if tokenizer.vocab_size > vocab or vocab != padded_vocab(tokenizer.vocab_size):
+        raise CheckpointError(
+            f"tokenizer mismatch: checkpoint {where} has a model for vocab_size={vocab}, "
+            f"but the tokenizer has vocab_size={tokenizer.vocab_size}"
+        )
+
+
+def padded_vocab(tokenizer_vocab: int, multiple: int = 64) -> int:
+    """Embedding rows: the tokenizer's vocabulary rounded up (friendlier GEMMs and TP splits)."""
+    return (tokenizer_vocab + multiple - 1) // multiple * multiple
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint at {path}")
+    return latest
+
+
+def load_for_inference(path: str | Path, tokenizer_dir: str | Path | None = None, device="cpu"):
+    """(model in eval mode, tokenizer) from a single-process or consolidated checkpoint."""
+    from ..model import MTPModel
+    from ..tokenizers import load_tokenizer
+
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / "model.pt").is_file():
+        raise CheckpointError(
+            f"{ckpt} holds a sharded checkpoint; run `mtp checkpoint consolidate` first"
+        )
+    cfg = load_config(ckpt / "config.yaml")
+    tokenizer = load_tokenizer(tokenizer_dir or ckpt / "tokenizer")
+    check_tokenizer(cfg, tokenizer, ckpt)
+    model = MTPModel(cfg.model)
+    model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,170 @@
+"""Training engines: what owns the optimizer step.
+
+`TrainEngine` is the seam between the trainer loop and whoever updates the weights. `LocalEngine`
+is the single-process one (AdamW, warmup + cosine, clipping, accumulation, autocast); the
+distributed layer provides a DeepSpeed-backed engine with the same methods. Each micro-batch gets
+exactly one forward and one backward call (what DeepSpeed engines require).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..model import MTPModel, split_window
+
+
+@dataclass
+class StepMetrics:
+    """Metrics of one optimizer step (or one evaluation), averaged over its micro-batches."""
+
+    loss: float
+    head_losses: list[float]
+    head_accuracy: list[float]
+    tokens: int
+    grad_norm: float = float("nan")
+    lr: float = 0.0
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class TrainEngine(Protocol):
+    model: nn.Module
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics: ...
+
+    def eval_step(self, batch: torch.Tensor) -> StepMetrics: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (a multiplier on lr)."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; not norms (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on GPU ('auto' or 'bf16'); full precision otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def summarize(outputs, tokens: int) -> StepMetrics:
+    """Average LossOutputs of several micro-batches into StepMetrics."""
+    k = len(outputs)
+    losses = sum(o.head_losses.double() for o in outputs) / k
+    correct = sum(o.head_correct.double() for o in outputs)
+    counts = sum(o.head_counts.double() for o in outputs).clamp(min=1)
+    return StepMetrics(
+        loss=float(losses.sum()),
+        head_losses=losses.tolist(),
+        head_accuracy=(correct / counts).tolist(),
+        tokens=tokens,
+    )
+
+
+class LocalEngine:
+    """One process, one device: AdamW + warmup/cosine + clipping + gradient accumulation."""
+
+    def __init__(self, model: MTPModel, cfg: TrainConfig, seq_len: int) -> None:
+        self.cfg = cfg
+        self.seq_len = seq_len
+        self.device = resolve_device(cfg.device)
+        if cfg.precision == "fp64":
+            model = model.double()
+        self.model = model.to(self.device)
+        self.autocast = autocast_for(cfg.precision, self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            foreach=False,  # deterministic, same order as the distributed engines
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+    def _forward(self, window: torch.Tensor):
+        inputs, labels = split_window(window.to(self.device), self.seq_len)
+        with self.autocast():
+            return self.model(inputs, labels), inputs.numel()
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepMetrics:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs, tokens = [], 0
+        for window in micro_batches:
+            out, n = self._forward(window)
+            outputs.append(out)
+            tokens += n
+            if not torch.isfinite(out.loss):
+                return self._skip(outputs, tokens, "non-finite loss")
+            (out.loss / len(micro_batches)).backward()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm):
+            return self._skip(outputs, tokens, "non-finite gradient")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        metrics = summarize(outputs, tokens)
+        metrics.grad_norm, metrics.lr = float(grad_norm), lr
+        return metrics
+
+    def _skip(self, outputs, tokens: int, why: str) -> StepMetrics:
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = summarize(outputs, tokens)
+        metrics.skipped, metrics.extra = True, {"why": why}
+        return metrics
+
+    @torch.no_grad()
+    def eval_step(self, batch: torch.Tensor) -> StepMetrics:
+        self.model.eval()
+        out, tokens = self._forward(batch)
+        return summarize([out], tokens)
+
+    def save(self, directory: Path) -> None:
+        torch.save(self.model.state_dict(), directory / "model.pt")
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
+        state = torch.load(directory / "optimizer.pt", map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,70 @@
+"""MLflow tracking (rank 0 only) behind a tiny interface; `NullTracker` when tracking is off.
+
+URI precedence: config `tracking.uri` > env MLFLOW_TRACKING_URI > sqlite:///<run_dir>/mlflow.db
+(MLflow 3 refuses the plain file store, FACTS.md). A resumed run continues its MLflow run: the run
+id is kept in <run_dir>/mlflow_run_id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import RunConfig, to_flat_dict
+
+
+class NullTracker:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
+
+
+class MLflowTracker:
+    def __init__(self, cfg: RunConfig) -> None:
+        import mlflow  # ~3 s import: only when tracking is on
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        mlflow.set_experiment(cfg.tracking.experiment)
+        id_file = Path(cfg.run_dir) / "mlflow_run_id"
+        previous = id_file.read_text().strip() if id_file.is_file() else None
+        try:
+            run = mlflow.start_run(run_id=previous) if previous else None
+        except Exception:  # the old run lives in another store: start a new one
+            run = None
+        if run is None:
+            name = cfg.tracking.run_name or Path(cfg.run_dir).resolve().name
+            run = mlflow.start_run(run_name=name)
+            mlflow.log_params({k: str(v) for k, v in to_flat_dict(cfg).items()})
+            id_file.write_text(run.info.run_id)
+        self.run_id = run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(metrics, step=step)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=subdir or path.name)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def make_tracker(cfg: RunConfig, is_main: bool):
+    return MLflowTracker(cfg) if cfg.tracking.enabled and is_main else NullTracker()

@@ -1,0 +1,223 @@
+"""The training loop: data -> engine steps -> validation, checkpoints, tracking, plot.
+
+One loop for every layout: the `Runtime` says where this process sits and builds the engine
+(single-process AdamW, or DeepSpeed in the distributed layer). Resume is exact: the checkpoint
+holds the engine state, the data readers' positions, the RNG states and the step, so training
+2N steps equals N steps + resume + N steps, loss for loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import RunConfig, load_config, to_yaml
+from . import checkpoint as ckpt
+from .data import make_loaders, prepare_shards, prepare_tokenizer
+from .engine import StepMetrics
+from .plot import plot_head_losses
+from .runtime import Runtime
+from .tracking import make_tracker
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
+    out = {f"{prefix}/loss": m.loss}
+    for i, (loss, acc) in enumerate(zip(m.head_losses, m.head_accuracy), start=1):
+        out[f"{prefix}/loss_head{i}"] = loss
+        out[f"{prefix}/acc_head{i}"] = acc
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, runtime: Runtime | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.runtime = runtime or Runtime()
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise TrainingAborted(
+                f"{self.run_dir} already holds checkpoint {existing.name}: pass --resume to "
+                "continue it, or choose a new run_dir"
+            )
+        seed_everything(cfg.train.seed)
+        self.tokenizer = prepare_tokenizer(cfg, self.runtime)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = ckpt.padded_vocab(self.tokenizer.vocab_size)
+        ckpt.check_tokenizer(cfg, self.tokenizer, self.run_dir)
+        manifest = prepare_shards(cfg, self.tokenizer, self.runtime)
+        self.train_loader, self.val_loader = make_loaders(cfg, manifest, self.runtime)
+        seed_everything(cfg.train.seed)  # same initial weights however the data was prepared
+        self.engine = self.runtime.build_engine(cfg)
+        self.step = 0
+        self.bad_steps = 0
+        self.history: list[dict] = []
+        self.val_history: list[dict] = []
+        if existing is not None:
+            self._restore(existing)
+        self._stop_requested = False
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        saved = load_config(path / "config.yaml").model
+        if saved != self.cfg.model:
+            raise TrainingAborted(f"model config differs from the one in {path}: {saved}")
+        self.engine.load(path)
+        state = ckpt.read_trainer_state(path)
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        self.history, self.val_history = state["history"], state["val_history"]
+        # One reader position per data-parallel rank; the reader re-splits on a new dp size.
+        positions = state["data"]
+        self.train_loader.load_state_dict(positions[min(self.runtime.dp_rank, len(positions) - 1)])
+        ckpt.set_rng_state(state["rng"])
+        if self.runtime.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        rt = self.runtime
+        tmp = ckpt.checkpoints_dir(self.run_dir) / f".tmp-step_{self.step:08d}"
+        if rt.is_main:
+            ckpt.staging_dir(self.run_dir, self.step)
+        rt.barrier()
+        self.engine.save(tmp)  # every rank writes its own shard under a DeepSpeed engine
+        data_states = self._gather_data_states()
+        if rt.is_main:
+            state = {
+                "step": self.step,
+                "bad_steps": self.bad_steps,
+                "history": self.history,
+                "val_history": self.val_history,
+                "data": data_states,
+                "rng": ckpt.rng_state(),
+            }
+            ckpt.write_common(tmp, self.cfg, self.tokenizer, state)
+        rt.barrier()
+        if rt.is_main:
+            meta = {"dp_size": rt.dp_size, "time": time.time()}
+            ckpt.publish(tmp, self.step, self.cfg.train.keep_last, meta)
+        rt.barrier()
+
+    def _gather_data_states(self) -> list[dict]:
+        """Reader positions of every data-parallel rank (rank r's at index r)."""
+        gather = getattr(self.runtime, "gather_objects", None)
+        state = self.train_loader.state_dict()
+        return gather(state) if gather else [state]
+
+    # -- the loop ---------------------------------------------------------------------------
+    def evaluate(self) -> StepMetrics | None:
+        metrics = []
+        for k, batch in enumerate(self.val_loader):
+            if k >= self.cfg.train.eval_batches:
+                break
+            metrics.append(self.engine.eval_step(batch))
+        if not metrics:
+            return None
+        n = len(metrics)
+        losses = np.mean([m.head_losses for m in metrics], axis=0).tolist()
+        accs = np.mean([m.head_accuracy for m in metrics], axis=0).tolist()
+        return StepMetrics(sum(losses), losses, accs, sum(m.tokens for m in metrics) // n)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def fit(self) -> list[dict]:
+        cfg, rt = self.cfg.train, self.runtime
+        tracker = make_tracker(self.cfg, rt.is_main)
+        if rt.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+        metrics_file = self.run_dir / "metrics.jsonl"
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.is_main, unit="step")
+        data = iter(self.train_loader)
+        status = "FAILED"
+        try:
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                micro = [next(data) for _ in range(cfg.grad_accum_steps)]
+                m = self.engine.train_step(micro)
+                elapsed = time.perf_counter() - started
+                self.step += 1
+                self._check_finite(m)
+                tokens, seconds = rt.all_reduce_sum([float(m.tokens), elapsed])
+                tok_s = tokens / (seconds / rt.dp_size)
+                record = {"step": self.step, **asdict(m), "tokens_per_s": tok_s}
+                if not m.skipped:
+                    self.history.append({"step": self.step, "head_losses": m.head_losses})
+                if rt.is_main:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    heads = " ".join(f"{x:.3f}" for x in m.head_losses)
+                    bar.set_postfix_str(f"loss {m.loss:.3f} [{heads}] {tok_s:,.0f} tok/s")
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        extra = {"train/tokens_per_s": tok_s, "train/lr": m.lr}
+                        tracker.log_metrics({**_metric_dict("train", m), **extra}, self.step)
+                if cfg.eval_every and (
+                    self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
+                ):
+                    val = self.evaluate()
+                    if val is not None:
+                        self.val_history.append({"step": self.step, "head_losses": val.head_losses})
+                        tracker.log_metrics(_metric_dict("val", val), self.step)
+                        if rt.is_main:
+                            bar.write(f"step {self.step}: val loss per head {val.head_losses}")
+                stop = rt.all_reduce_sum([float(self._stop_requested)])[0] > 0
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stop:
+                    self.save_checkpoint()
+                if stop:
+                    if rt.is_main:
+                        bar.write(f"stop requested: checkpointed step {self.step}, exiting")
+                    status = "KILLED"
+                    return self.history
+            status = "FINISHED"
+            if rt.is_main:
+                self._final_artifacts(tracker)
+            return self.history
+        finally:
+            bar.close()
+            tracker.close(status)
+
+    def _check_finite(self, m: StepMetrics) -> None:
+        if not m.skipped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        why = m.extra.get("why", "non-finite loss")
+        print(f"step {self.step}: {why} (loss {m.loss}); step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingAborted(
+                f"aborting: {self.bad_steps} consecutive steps with {why} (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}); last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir)}"
+            )
+
+    def _final_artifacts(self, tracker) -> None:
+        if self.history:
+            plot = plot_head_losses(
+                self.history, self.val_history, self.run_dir / "loss_per_head.png"
+            )
+            tracker.log_artifact(plot)
+        tracker.log_artifact(self.run_dir / "config.yaml")
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            tracker.log_artifact(latest / "tokenizer", "tokenizer")
