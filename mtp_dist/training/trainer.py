@@ -52,6 +52,8 @@ class Trainer:
         self.runtime = runtime or Runtime()
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # --resume continues the latest complete checkpoint, or starts fresh when there is none
+        # (so a restarted launcher can always pass it); without it an existing run is refused.
         existing = ckpt.latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
             raise TrainingAborted(
