@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set up, train the tiny-cpu n=4 code model on this
+# interpreter's standard library (no download, no GPU), then complete a Python prompt with it.
+# Re-running continues (or, once finished, reuses) the run in runs/tiny-cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+mtp train configs/tiny-cpu.yaml --resume "$@"
+mtp generate --checkpoint runs/tiny-cpu --prompt $'def fibonacci(n):\n    ' --max-tokens 64
+mtp generate --checkpoint runs/tiny-cpu --prompt $'def fibonacci(n):\n    ' --max-tokens 64 --speculative
