@@ -92,6 +92,7 @@ JobCompType=jobcomp/none
 ReturnToService=2
 KillWait=10
 MinJobAge=600
+SchedulerParameters=sched_interval=5
 InactiveLimit=0
 SlurmdTimeout=120
 NodeName=node[1-${#NODES[@]}] NodeHostname=$host NodeAddr=127.0.0.1 Port=$FIRST_PORT-$last_port CPUs=$cpus State=UNKNOWN
@@ -118,7 +119,9 @@ start() {
     start_munge
     write_conf
     mkdir -p "$STATE_DIR"
-    if ! pid_alive "$STATE_DIR/slurmctld.pid"; then
+    if pid_alive "$STATE_DIR/slurmctld.pid"; then
+        scontrol reconfigure # pick up a rewritten slurm.conf
+    else
         slurmctld -i
     fi
     local node

@@ -101,11 +101,16 @@ def write_common(tmp: Path, cfg: RunConfig, tokenizer, trainer_state: dict) -> N
     torch.save(trainer_state, tmp / "trainer.pt")
 
 
-def read_trainer_state(path: Path) -> dict:
+def load_file(path: Path, **kwargs):
+    """`torch.load`, but a truncated or corrupt file fails with an error naming it."""
     try:
-        return torch.load(path / "trainer.pt", weights_only=False)
+        return torch.load(path, **kwargs)
     except Exception as err:  # a corrupt file must name itself
-        raise CheckpointError(f"cannot read {path / 'trainer.pt'}: {err}") from err
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def read_trainer_state(path: Path) -> dict:
+    return load_file(path / "trainer.pt", weights_only=False)
 
 
 def check_tokenizer(cfg: RunConfig, tokenizer, where: Path) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..model import MTPModel, split_window
+from .checkpoint import load_file
 
 
 @dataclass
@@ -164,7 +165,7 @@ class LocalEngine:
         torch.save(state, directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
-        state = torch.load(directory / "optimizer.pt", map_location=self.device)
+        self.model.load_state_dict(load_file(directory / "model.pt", map_location=self.device))
+        state = load_file(directory / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
