@@ -1,0 +1,138 @@
+"""`mtp eval`: HumanEval and MBPP pass@k of a checkpoint, to stdout, a JSON file and MLflow.
+
+    mtp eval --checkpoint runs/tiny-cpu --benchmark both --samples 10 --k 1,10
+    mtp eval --references --benchmark both      # harness self-test: reference solutions, 1.0
+
+See docs/eval.md for the protocol and the sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        msg = f"--k: expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError("--k: values must be >= 1")
+    return ks
+
+
+def _mlflow_log(uri: str, run_name: str, report: dict, out: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("mtp_dist")
+    with mlflow.start_run(run_name=run_name, tags={"kind": "eval"}):
+        mlflow.log_params({k: str(v) for k, v in report["config"].items()})
+        for bench, result in report["results"].items():
+            for name, value in result.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    mlflow.log_metric(f"{bench}/{name.replace('@', '_at_')}", value)
+        mlflow.log_artifact(str(out))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .benchmarks import load_benchmark
+    from .harness import EvalConfig, evaluate, reference_completions
+    from .sandbox import Limits, Sandbox
+
+    if args.checkpoint is None and not args.references:
+        print("mtp eval: give --checkpoint (or --references for the self-test)", file=sys.stderr)
+        return 2
+    benches = ["humaneval", "mbpp"] if args.benchmark == "both" else [args.benchmark]
+    cfg = EvalConfig(
+        ks=args.k,
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        speculative=args.speculative,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    sandbox = Sandbox(Limits(timeout_s=args.timeout), slots=max(args.workers, 1))
+    run_dir = None
+    if args.references:
+        cfg.samples, cfg.ks = 0, (1,)
+    else:
+        import torch
+
+        from ..inference import Generator
+        from ..training.checkpoint import load_for_inference, resolve_checkpoint
+
+        torch.set_num_threads(args.threads)
+        ckpt = resolve_checkpoint(args.checkpoint)
+        run_dir = ckpt.parent.parent
+        model, tokenizer = load_for_inference(ckpt)
+        gen = Generator(model, tokenizer)
+        complete = lambda prompts, c: [x.text for x in gen.generate(prompts, c)[0]]
+    report = {
+        "checkpoint": None if args.references else str(ckpt),
+        "config": {"benchmark": args.benchmark, "limit": args.limit, **vars(cfg)},
+        "isolation": sandbox.isolation,
+        "results": {},
+        "problems": {},
+    }
+    for bench in benches:
+        problems = load_benchmark(bench)[: args.limit]
+        if args.references:
+            complete = reference_completions(problems)
+        result = evaluate(complete, problems, cfg, sandbox)
+        report["results"][bench] = result["metrics"]
+        report["problems"][bench] = result["problems"]
+        shown = {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["metrics"].items()
+        }
+        print(f"{bench}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or (run_dir or Path(".")) / "eval" / f"eval-{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(f"results: {out}")
+    if not args.no_mlflow:
+        uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = uri or f"sqlite:///{(run_dir or out.parent).resolve() / 'mlflow.db'}"
+        name = "eval-references" if args.references else f"eval-{run_dir.name}-{ckpt.name}"
+        _mlflow_log(uri, name, report, out)
+        print(f"mlflow: {uri} (experiment mtp_dist, run {name})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="HumanEval / MBPP pass@k of a checkpoint")
+    p.add_argument("--checkpoint", help="run directory (latest checkpoint) or checkpoint dir")
+    p.add_argument("--benchmark", choices=["humaneval", "mbpp", "both"], default="both")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument(
+        "--samples", type=int, default=200, help="sampled completions per problem for k > 1"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (k > 1)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass for sampling")
+    p.add_argument("--k", type=_ks, default=(1, 10, 100), help="pass@k values, e.g. 1,10,100")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per completion")
+    p.add_argument("--speculative", action="store_true", help="greedy pass self-speculatively")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--out", help="JSON results file (default <run_dir>/eval/eval-<time>.json)")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per check")
+    p.add_argument("--workers", type=int, default=2, help="checks run at the same time")
+    p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--references",
+        action="store_true",
+        help="score the reference solutions instead of a model (harness self-test)",
+    )
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,280 @@
+"""Batched incremental decoding with KV caches: plain (greedy or sampled) and self-speculative.
+
+Plain decoding feeds one token per sequence per forward and reads head 1 (the next-token head).
+
+Self-speculative decoding (blockwise parallel decoding, Stern et al. 2018; Gloeckle et al. 2024
+Sec. 3.2) uses the other heads as drafters. Each sequence carries a pending token c (head 1's
+greedy choice, already emitted) and drafts q_2..q_w for the w-1 positions after it. One forward
+over the block [c, q_2, .., q_w] at positions L .. L+w-1 (L = tokens already in the cache):
+
+    trunk + head 1 on all w positions      -> g_j = greedy token after block[:j+1]   (verify)
+    m  = number of leading drafts with q_{j+1} == g_j                                (accept)
+    heads 2..w on block positions 0..m     -> their caches, and at position m the next drafts
+    emit q_2..q_{m+1} and g_m; keep m+1 cache slots (rollback past the first mismatch)
+
+Every emitted token is head 1's argmax given the exact greedy prefix, so the output equals plain
+greedy decoding (up to floating-point roundoff between differently shaped matmuls; exact in
+float64 tests — see docs/speculative_decoding.md). Sequences accept different m and so advance by
+different amounts: the cache keeps per-sequence lengths and the block positions are per sequence,
+and finished sequences leave the batch (the caches are compacted), so batching never falls back
+to one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import MTPModel
+from .heads import DraftHeads, head_block, unembedding
+from .kv_cache import ModelCache
+from .sampling import Stopper, mask_vocab, sample
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one or more decoding runs. A 'forward' is one sequence in one batched forward
+    (the prefill included), so tokens_per_forward is 1.0 for plain decoding."""
+
+    width: int = 1
+    """Tokens per block: 1 for plain decoding, 1 + drafts for speculative."""
+    sequences: int = 0
+    tokens: int = 0
+    forwards: int = 0
+    steps: int = 0
+    """Batched forwards (what wall-clock time is spent on)."""
+    proposed: list[int] = field(default_factory=list)
+    """Per block position j: how often the token there could have been emitted."""
+    accepted: list[int] = field(default_factory=list)
+    """Per block position j: how often it was (position 0, head 1's token, always is)."""
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.proposed = self.proposed or [0] * self.width
+        self.accepted = self.accepted or [0] * self.width
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.forwards, 1)
+
+    @property
+    def acceptance_rate(self) -> list[float]:
+        """Per head position (1..width): fraction of its proposals that were emitted."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    def merge(self, other: DecodeStats) -> DecodeStats:
+        width = max(self.width, other.width)
+        pad = lambda xs: xs + [0] * (width - len(xs))
+        return DecodeStats(
+            width=width,
+            sequences=self.sequences + other.sequences,
+            tokens=self.tokens + other.tokens,
+            forwards=self.forwards + other.forwards,
+            steps=self.steps + other.steps,
+            proposed=[a + b for a, b in zip(pad(self.proposed), pad(other.proposed))],
+            accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
+            seconds=self.seconds + other.seconds,
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "forwards": self.forwards,
+            "batched_forwards": self.steps,
+            "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "acceptance_rate": [round(r, 4) for r in self.acceptance_rate],
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None,
+        }
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]
+    """Generated ids per prompt (EOS not included; cut at the token that completed a stop)."""
+    finish_reasons: list[str]
+    """'eos', 'stop' or 'length' per prompt."""
+    stats: DecodeStats
+
+
+class Decoder:
+    """Decodes batches of token-id prompts with one MTPModel (single process, eval mode)."""
+
+    def __init__(self, model: MTPModel, *, vocab_limit: int | None = None) -> None:
+        self.model = model
+        self.vocab_limit = vocab_limit
+        self.n_future = model.heads.n_future
+        self.head1 = head_block(model, 0)
+        self.unembed = unembedding(model)
+        self._drafters: dict[int, DraftHeads] = {}
+
+    def drafter(self, n_draft: int) -> DraftHeads:
+        if n_draft not in self._drafters:
+            self._drafters[n_draft] = DraftHeads(self.model, 1, n_draft)
+        return self._drafters[n_draft]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return mask_vocab(self.unembed(x), self.vocab_limit)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        speculative: bool = False,
+        n_draft: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        stoppers: Sequence[Stopper | None] | None = None,
+    ) -> DecodeResult:
+        """Generate up to max_new_tokens per prompt (fewer where the context is full or a
+        stopper fires). speculative=True is greedy with `n_draft` draft heads (default: all)."""
+        drafts = (self.n_future - 1 if n_draft is None else n_draft) if speculative else 0
+        if speculative and temperature > 0:
+            raise ValueError("self-speculative decoding is greedy: use temperature 0")
+        if not 0 <= drafts < self.n_future:
+            raise ValueError(f"n_draft must be in [0, {self.n_future - 1}], got {drafts}")
+        if not prompts or min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token")
+        max_len = self.model.cfg.max_seq_len
+        if max(len(p) for p in prompts) > max_len:
+            raise ValueError(f"a prompt is longer than model.max_seq_len={max_len}")
+        run = _Run(self, prompts, max_new_tokens, drafts, stoppers)
+        choose = lambda logits: sample(logits, temperature, top_p, generator)
+        start = time.perf_counter()
+        run.prefill(choose)
+        while run.active:
+            if drafts:
+                run.speculative_step()
+            else:
+                run.plain_step(choose)
+        run.stats.seconds = time.perf_counter() - start
+        run.stats.tokens = sum(len(o) for o in run.out)
+        return DecodeResult(run.out, run.reasons, run.stats)
+
+
+class _Run:
+    """The state of one `Decoder.run`: rows of the batch are the still-active sequences."""
+
+    def __init__(self, dec: Decoder, prompts, max_new_tokens: int, drafts: int, stoppers):
+        self.dec, self.model = dec, dec.model
+        self.width = 1 + drafts
+        self.max_len = self.model.cfg.max_seq_len
+        self.device = self.model.rope_cos.device
+        self.prompts = [list(p) for p in prompts]
+        n = len(prompts)
+        self.budget = [min(max_new_tokens, self.max_len - len(p)) for p in prompts]
+        self.stoppers = list(stoppers) if stoppers is not None else [None] * n
+        self.out: list[list[int]] = [[] for _ in range(n)]
+        self.reasons: list[str] = ["length"] * n
+        self.active = list(range(n))  # original prompt index of each batch row
+        self.stats = DecodeStats(width=self.width, sequences=n)
+        capacity = max(len(p) for p in prompts) + max_new_tokens + self.width
+        zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.cache = ModelCache(len(self.model.trunk), 1 + (drafts > 0), zeros, capacity)
+        self.drafter = dec.drafter(drafts) if drafts else None
+        self.pending = zeros  # (B,) the emitted token each row feeds next
+        self.drafts = zeros[:, None][:, :0]  # (B, width-1)
+        self.steps = torch.arange(self.width, device=self.device)
+
+    # -- forwards ---------------------------------------------------------------------------
+    def _draft(self, h, cos, sin, last: torch.Tensor) -> torch.Tensor:
+        """Next drafts (B, width-1) from the draft heads read at block index `last` (B,)."""
+        hidden = self.drafter(h, cos, sin, last, self.cache.heads[1])  # (B, width-1, d)
+        return self.dec.logits(hidden).argmax(dim=-1)
+
+    def prefill(self, choose) -> None:
+        lengths = [len(p) for p in self.prompts]
+        B, T = len(lengths), max(lengths)
+        ids = torch.zeros(B, T, dtype=torch.long, device=self.device)  # right-padded
+        for b, p in enumerate(self.prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        h, cos, sin = self.model.trunk_forward(ids, positions, self.cache.trunk)  # (B, T, d)
+        last = torch.tensor(lengths, device=self.device) - 1
+        rows = torch.arange(B, device=self.device)
+        x = self.dec.head1(h, cos, sin, self.cache.heads[0])[rows, last]  # (B, d)
+        self.pending = choose(self.dec.logits(x))
+        if self.drafter is not None:
+            self.drafts = self._draft(h, cos, sin, last)
+        # Pad slots past each prompt were written but are not kept (the next forward overwrites).
+        self.cache.commit(last + 1)
+        self._count_forward()
+        self._emit([[t] for t in self.pending.tolist()])
+
+    def plain_step(self, choose) -> None:
+        positions = self.cache.lengths[:, None]  # (B, 1)
+        h, cos, sin = self.model.trunk_forward(self.pending[:, None], positions, self.cache.trunk)
+        x = self.dec.head1(h, cos, sin, self.cache.heads[0])[:, 0]  # (B, d)
+        self.pending = choose(self.dec.logits(x))
+        self.cache.commit(1)
+        self._count_forward()
+        self._emit([[t] for t in self.pending.tolist()])
+
+    def speculative_step(self) -> None:
+        B, w = len(self.active), self.width
+        block = torch.cat([self.pending[:, None], self.drafts], dim=1)  # (B, w)
+        # Positions past the context end only occur in blocks whose tail cannot be emitted
+        # (the budget stops first); clamping keeps the rotary lookup in range for them.
+        positions = (self.cache.lengths[:, None] + self.steps).clamp(max=self.max_len - 1)
+        h, cos, sin = self.model.trunk_forward(block, positions, self.cache.trunk)  # (B, w, d)
+        x = self.dec.head1(h, cos, sin, self.cache.heads[0])
+        greedy = self.dec.logits(x).argmax(dim=-1)  # (B, w): greedy[:, j] follows block[:, :j+1]
+        ok = (block[:, 1:] == greedy[:, :-1]).long()  # (B, w-1)
+        accepted = ok.cumprod(dim=1).sum(dim=1)  # (B,) leading drafts that greedy agrees with
+        rows = torch.arange(B, device=self.device)
+        # Draft heads only need the kept positions 0..accepted: keys/values for their cache,
+        # and their output at `accepted` (the last kept position) for the next drafts.
+        span = int(accepted.max()) + 1
+        self.drafts = self._draft(h[:, :span], cos[:, :span], sin[:, :span], accepted)
+        self.cache.commit(accepted + 1)
+        self.pending = greedy[rows, accepted]
+        # Statistics: draft j counts as proposed when emitting it could fit in the budget.
+        acc, left = accepted.tolist(), [self.budget[i] - len(self.out[i]) for i in self.active]
+        for j in range(1, w):
+            self.stats.proposed[j] += sum(1 for r in left if j < r)
+            self.stats.accepted[j] += sum(1 for a, r in zip(acc, left) if j < r and a >= j)
+        self._count_forward()
+        blocks, pend = block.tolist(), self.pending.tolist()
+        self._emit([blocks[b][1 : acc[b] + 1] + [pend[b]] for b in range(B)])
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _count_forward(self) -> None:
+        self.stats.forwards += len(self.active)
+        self.stats.steps += 1
+        self.stats.proposed[0] += len(self.active)
+        self.stats.accepted[0] += len(self.active)
+
+    def _emit(self, new_tokens: list[list[int]]) -> None:
+        """Append each row's new tokens in order until its budget or stopper ends it; drop
+        finished rows from the batch (and from the caches)."""
+        keep = []
+        for row, (i, toks) in enumerate(zip(self.active, new_tokens)):
+            out, stopper, reason = self.out[i], self.stoppers[i], None
+            for tok in toks:
+                if len(out) >= self.budget[i]:
+                    reason = "length"
+                    break
+                out.append(tok)
+                reason = stopper.push(tok) if stopper is not None else None
+                if reason == "eos":
+                    out.pop()
+                if reason is not None:
+                    break
+            if reason is None and len(out) >= self.budget[i]:
+                reason = "length"
+            if reason is None:
+                keep.append(row)
+            else:
+                self.reasons[i] = reason
+        if len(keep) < len(self.active):
+            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.cache.select(idx)
+            self.pending, self.drafts = self.pending[idx], self.drafts[idx]
+            self.active = [self.active[r] for r in keep]
