@@ -275,7 +275,8 @@ def process_task(task: Task, tokenizer: Tokenizer, limits: Limits) -> TaskResult
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            # decode first: json.loads(bytes) guesses UTF-16/32 from the first bytes
+            record = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
             result.skips.append((name, "invalid_utf8", "JSONL line"))
             continue
