@@ -74,6 +74,8 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# Credential lifetime; also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/slurmd-%n
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
