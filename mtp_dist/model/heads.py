@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,10 +28,13 @@ from torch.func import functional_call
 from .layers import IGNORE_INDEX, Block, LayerFactory, Unembedding
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
     """`loss` is the sum over heads of each head's mean cross-entropy (the one to backprop).
-    Per-head tensors are detached, shape (n_local_heads,), in the order of `head_ids`."""
+    Per-head tensors are detached, shape (n_local_heads,), in the order of `head_ids`.
+
+    A NamedTuple (not a dataclass) so that DeepSpeed ZeRO-3 finds the loss tensor in the
+    module's output and registers the hook that re-gathers the heads' parameters for backward.
+    """
 
     loss: torch.Tensor
     head_losses: torch.Tensor
@@ -159,6 +162,10 @@ class MultiTokenHeads(nn.Module):
         contributed. Identity in one process."""
         return grad_h
 
+    def reduce_shared_grads(self, grads: list[torch.Tensor]) -> None:
+        """Hook for head parallelism: sum (in place) the shared final norm + unembedding
+        gradients over the ranks whose heads contributed. No-op in one process."""
+
 
 class _SequentialHeadLoss(torch.autograd.Function):
     """forward: per-head forward + autograd.grad, accumulating gradients; backward: hand them out.
@@ -189,6 +196,7 @@ class _SequentialHeadLoss(torch.autograd.Function):
                 corrects.append(correct)
                 counts.append(count)
         grad_h = heads.reduce_hidden_grad(grad_h)
+        heads.reduce_shared_grads([grads[n] for n in shared if n in grads])
         ctx.grad_names = [n for n in names if n in grads]
         ctx.param_slots = [names.index(n) for n in ctx.grad_names]
         ctx.n_params = len(names)

@@ -18,7 +18,14 @@ from .layers import Block, LayerFactory, LocalLayers, rotary_tables
 
 
 class MTPModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: LayerFactory | None = None,
+        head_layers: LayerFactory | None = None,
+    ) -> None:
+        """`layers` builds every layer; `head_layers`, if given, the heads and the shared
+        unembedding instead (head parallelism keeps them whole under a tensor-parallel trunk)."""
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (normally from the tokenizer)")
@@ -36,7 +43,7 @@ class MTPModel(nn.Module):
             ffn_hidden=cfg.ffn_width,
             vocab_size=cfg.vocab_size,
             eps=cfg.norm_eps,
-            layers=layers,
+            layers=head_layers or layers,
             loss_impl=cfg.loss_impl,
         )
         cos, sin = rotary_tables(cfg.d_model // cfg.n_attn_heads, cfg.max_seq_len, cfg.rope_theta)

@@ -1,0 +1,152 @@
+"""Distributed checkpoints: DeepSpeed's own state plus layout-free model shards.
+
+Inside one checkpoint directory (the Trainer's staging dir, renamed into place when complete):
+
+    deepspeed/state/...          DeepSpeed's checkpoint (module, ZeRO partitions, scheduler)
+    model_shards/pp{P}_mp{M}.pt  this (pipeline stage, model rank) position's parameters, full
+                                 over data parallelism, under MTPModel names, in fp32/fp64
+    layout.json                  the topology and ZeRO stage that wrote it
+
+Resume loads DeepSpeed's state: exact (optimizer moments, step, schedule). A different
+data-parallel size works for ZeRO 0 (replicated state) and ZeRO 1/2 (`elastic_checkpoint`:
+DeepSpeed merges and re-partitions the optimizer state); ZeRO-3 partitions cannot be re-split by
+DeepSpeed 0.19.8 without its universal-checkpoint conversion, so that case fails with a clear
+message. `consolidate` merges the model shards (tensor-parallel splits concatenated, heads and
+stages collected) into the single-process `model.pt` that `mtp generate` loads; it needs no
+process group.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..training.checkpoint import MARKER, CheckpointError, resolve_checkpoint
+from .tensor_parallel import split_dim
+
+TAG = "state"
+
+
+def _layout(engine) -> dict:
+    t = engine.topo
+    return {
+        "world_size": t.world_size,
+        "tensor": t.tensor,
+        "pipeline": t.pipeline,
+        "head": t.head,
+        "data": t.data,
+        "zero_stage": engine.cfg.parallel.zero_stage,
+    }
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    """This rank's parameters, gathered over data parallelism (a collective over the dp group:
+    ZeRO keeps fp32 master weights partitioned), keyed by MTPModel name; shards stay shards."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in engine.engine.module.named_parameters():
+        value = safe_get_full_fp32_param(param)
+        out[engine.full_param_name(name)] = (param.data if value is None else value).cpu().clone()
+    return out
+
+
+def save(engine, directory: Path) -> None:
+    """Every rank calls this (DeepSpeed's save is collective)."""
+    engine.engine.save_checkpoint(str(directory / "deepspeed"), tag=TAG, save_latest=False)
+    params = full_params(engine)
+    coord = engine.topo.coord(engine.rank)
+    if coord.data == 0:
+        shard = {
+            "params": params,
+            "sharded": sorted(
+                engine.full_param_name(n)
+                for n, _ in engine.engine.module.named_parameters()
+                if engine.is_sharded(n)
+            ),
+            "tp_rank": coord.model,
+            "tp_size": engine.topo.tensor,
+        }
+        (directory / "model_shards").mkdir(exist_ok=True)
+        torch.save(shard, directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt")
+    if engine.rank == 0:
+        (directory / "layout.json").write_text(json.dumps(_layout(engine)))
+    dist.barrier()
+
+
+def load(engine, directory: Path) -> None:
+    saved = json.loads((directory / "layout.json").read_text())
+    now = _layout(engine)
+    same_model_layout = all(saved[k] == now[k] for k in ("tensor", "pipeline", "head"))
+    if not same_model_layout or saved["zero_stage"] != now["zero_stage"]:
+        raise CheckpointError(
+            f"{directory} was written with layout {saved}, this run is {now}: only the "
+            "data-parallel size may change on resume (consolidate it with `mtp checkpoint "
+            "consolidate` and start a new run from the weights otherwise)"
+        )
+    if saved["data"] != now["data"] and now["zero_stage"] == 3:
+        raise CheckpointError(
+            f"{directory}: resuming ZeRO-3 with data-parallel size {now['data']} (saved with "
+            f"{saved['data']}) needs DeepSpeed's universal checkpoint conversion, not supported"
+        )
+    path, _ = engine.engine.load_checkpoint(
+        str(directory / "deepspeed"),
+        tag=TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory / 'deepspeed'}")
+
+
+def merge_shards(directory: Path) -> dict[str, torch.Tensor]:
+    """The single-process state dict from a checkpoint's model shards (no process group)."""
+    files = sorted((directory / "model_shards").glob("pp*_mp*.pt"))
+    if not files:
+        raise CheckpointError(f"{directory} has no model_shards/: not a distributed checkpoint")
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    sharded: set[str] = set()
+    for f in files:
+        shard = torch.load(f, map_location="cpu", weights_only=False)
+        sharded.update(shard["sharded"])
+        for name, tensor in shard["params"].items():
+            pieces.setdefault(name, {})[shard["tp_rank"]] = tensor
+    full = {}
+    for name, by_rank in pieces.items():
+        if name in sharded:
+            dim = split_dim(name)
+            full[name] = torch.cat([by_rank[r] for r in sorted(by_rank)], dim=dim)
+        else:
+            full[name] = next(iter(by_rank.values()))  # replicated: every copy is the same
+    return full
+
+
+def consolidate(source: str | Path, out: str | Path) -> Path:
+    """Write a single-process checkpoint (model.pt, config.yaml, tokenizer/, marker) from a
+    distributed one (a checkpoint directory or a run directory: its latest checkpoint)."""
+    from ..config import load_config
+    from ..model import MTPModel
+
+    ckpt = resolve_checkpoint(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.float() for k, v in merge_shards(ckpt).items()}
+    cfg = load_config(ckpt / "config.yaml")
+    expected = {n for n, _ in MTPModel(cfg.model).named_parameters()}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(f"shards of {ckpt} do not form the model: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")  # fmt: skip
+    torch.save(state, out / "model.pt")
+    shutil.copy(ckpt / "config.yaml", out / "config.yaml")
+    if (ckpt / "tokenizer").is_dir():
+        shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    if (ckpt / "trainer.pt").is_file():
+        shutil.copy(ckpt / "trainer.pt", out / "trainer.pt")
+    meta = json.loads((ckpt / MARKER).read_text()) if (ckpt / MARKER).is_file() else {}
+    (out / MARKER).write_text(json.dumps({**meta, "consolidated_from": str(ckpt)}))
+    return out

@@ -1,0 +1,107 @@
+"""Pipeline parallelism: the MTP model as a DeepSpeed PipelineModule (1F1B schedule).
+
+    layer 0          EmbedStage    input ids (B, T) -> x (B, T, d)        first stage
+    layers 1..L      TrunkStage    x -> block(x)                          split by count
+    layer L+1        HeadStage     h -> h; the loss_fn runs the heads     last stage
+
+Megatron-core's own pipeline schedules allocate on CUDA in 0.16.1 (FACTS.md), so the schedule
+comes from DeepSpeed's PipelineEngine (the Megatron-DeepSpeed combination: Megatron tensor
+parallelism inside each stage, DeepSpeed pipeline, ZeRO-1), which runs on CPU/gloo and GPU/NCCL.
+The heads, final norm and shared unembedding live on the last stage; the loss function is the
+model's own sequential head loss, so the last stage backpropagates its heads one at a time and
+sends one trunk-output gradient upstream.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import LossOutput, MTPModel
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, embed: nn.Module) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)  # (B, T, d)
+
+
+class _Rotary(nn.Module):
+    def __init__(self, model: MTPModel) -> None:
+        super().__init__()
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[:length], self.rope_sin[:length]
+
+
+class TrunkStage(_Rotary):
+    def __init__(self, block: nn.Module, model: MTPModel) -> None:
+        super().__init__(model)
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, *self.tables(x.shape[1]))
+
+
+class HeadStage(_Rotary):
+    """Holds MultiTokenHeads on the last stage; its forward passes h on to the loss function."""
+
+    def __init__(self, model: MTPModel) -> None:
+        super().__init__(model)
+        self.heads = model.heads
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+class HeadLoss:
+    """The PipelineModule's loss_fn: the heads' loss on h; keeps each micro-batch's LossOutput
+    (per-head metrics) for the engine to collect."""
+
+    def __init__(self, stage: HeadStage) -> None:
+        self.stage = stage
+        self.outputs: list[LossOutput] = []
+
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        out = self.stage.heads(h, labels, *self.stage.tables(h.shape[1]))
+        self.outputs.append(out)
+        return out.loss
+
+
+def pipeline_layers(model: MTPModel) -> tuple[list[nn.Module], HeadLoss]:
+    stages: list[nn.Module] = [EmbedStage(model.embed)]
+    stages += [TrunkStage(block, model) for block in model.trunk]
+    head = HeadStage(model)
+    return stages + [head], HeadLoss(head)
+
+
+def full_name(pipe_name: str, n_trunk: int) -> str:
+    """PipelineModule parameter name ('3.block.attn.wq.inner.weight') -> MTPModel name."""
+    index, _, rest = pipe_name.partition(".")
+    index = int(index)
+    if index == 0:
+        return rest  # 'embed....'
+    if index <= n_trunk:
+        return f"trunk.{index - 1}." + rest.removeprefix("block.")
+    return rest  # 'heads....'
+
+
+def build_pipeline(model: MTPModel, topology, seed: int):
+    """(PipelineModule over `topology` (DeepSpeed ProcessTopology), its HeadLoss)."""
+    from deepspeed.pipe import PipelineModule
+
+    layers, loss = pipeline_layers(model)
+    module = PipelineModule(
+        layers=layers,
+        loss_fn=loss,
+        topology=topology,
+        partition_method="uniform",  # by layer count: embedding, blocks, heads
+        base_seed=seed,
+        activation_checkpoint_interval=0,
+    )
+    return module, loss
