@@ -14,7 +14,7 @@ from .builder import (
     stdlib_root,
 )
 from .manifest import Manifest, ManifestError, ShardInfo, SplitInfo
-from .sources import Limits, glob_regex
+from .sources import Limits, glob_regex, list_files
 
 _LAZY = {"ShardError", "TokenWindowLoader"}  # the reader imports torch; `mtp --help` should not
 
@@ -40,5 +40,6 @@ __all__ = [
     "ensure_shards",
     "ensure_stdlib_shards",
     "glob_regex",
+    "list_files",
     "stdlib_root",
 ]

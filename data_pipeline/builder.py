@@ -235,8 +235,9 @@ def _results(
     if workers <= 1 or len(tasks) <= 1:
         yield (process_task(t, tokenizer, limits) for t in tasks)
         return
-    # fork: workers start in milliseconds and inherit the tokenizer; they run no threads.
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: the caller (the trainer) has torch, tqdm's monitor and other threads
+    # running, and a forked child can inherit a lock one of them held -- it hung here once.
+    ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, limits)) as pool:
         yield pool.imap(_run_task, tasks, chunksize=max(1, min(16, len(tasks) // (8 * workers))))
 
@@ -252,9 +253,48 @@ def _config(sources: Sequence, fingerprint: str, **options) -> dict:
     }
 
 
-def _is_val(digest: bytes, seed: int, val_fraction: float) -> bool:
-    h = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + digest).digest()
-    return int.from_bytes(h[:8], "little") < val_fraction * 2.0**64
+class _Splitter:
+    """Exact-content dedup, then train/val by document: a document goes to val when a seeded
+    hash of its content, as a number in [0, 1), is below val_fraction.
+
+    Small corpora could end with no val document at all, so the train document with the
+    smallest hash is held back until the end: if val is still empty then, it goes to val
+    (as if the threshold had been raised just enough), otherwise to train. Deterministic.
+    """
+
+    def __init__(self, packers: dict, seed: int, val_fraction: float, dedup: bool) -> None:
+        self.packers, self.val_fraction, self.dedup = packers, val_fraction, dedup
+        self.salt = seed.to_bytes(8, "little", signed=True)
+        self.seen: set[bytes] = set()
+        self.assigned = Counter()
+        self.duplicates = self.tokens = 0
+        self.held: tuple[float, np.ndarray] | None = None
+
+    def add(self, digest: bytes, tokens: np.ndarray) -> None:
+        if self.dedup:
+            if digest[:16] in self.seen:
+                self.duplicates += 1
+                return
+            self.seen.add(digest[:16])
+        self.tokens += len(tokens)
+        h = int.from_bytes(hashlib.sha256(self.salt + digest).digest()[:8], "little") / 2.0**64
+        split = "val" if h < self.val_fraction else "train"
+        self.assigned[split] += 1
+        if split == "train" and self.val_fraction > 0:
+            if self.held is not None and self.held[0] <= h:
+                self.packers["train"].add(tokens)
+                return
+            if self.held is not None:
+                self.packers["train"].add(self.held[1])
+            self.held = (h, tokens)
+            return
+        self.packers[split].add(tokens)
+
+    def finish(self) -> dict[str, SplitInfo]:
+        if self.held is not None:
+            to_val = self.assigned["val"] == 0 and self.assigned["train"] > 1
+            self.packers["val" if to_val else "train"].add(self.held[1])
+        return {name: packer.finish() for name, packer in self.packers.items()}
 
 
 def _clear_previous(out_dir: Path) -> None:
@@ -313,8 +353,8 @@ def build_shards(
         )
         for i, split in enumerate(SPLITS)
     }
-    seen: set[bytes] = set()
-    duplicates = files = bytes_in = doc_tokens = 0
+    splitter = _Splitter(packers, seed, val_fraction, dedup)
+    files = bytes_in = 0
     bar = tqdm(
         total=sum(t.size for t in tasks),
         unit="B",
@@ -331,18 +371,11 @@ def build_shards(
             bytes_in += result.bytes_in
             skips.extend(result.skips)
             for digest, tokens in result.docs:
-                key = digest[:16]
-                if dedup and key in seen:
-                    duplicates += 1
-                    continue
-                seen.add(key)
-                doc_tokens += len(tokens)
-                split = "val" if _is_val(digest, seed, val_fraction) else "train"
-                packers[split].add(tokens)
+                splitter.add(digest, tokens)
             bar.update(task.size)
-            bar.set_postfix(files=files, tokens=doc_tokens, refresh=False)
+            bar.set_postfix(files=files, tokens=splitter.tokens, refresh=False)
     bar.close()
-    splits = {name: packer.finish() for name, packer in packers.items()}
+    splits = splitter.finish()
 
     reasons = Counter(reason for _, reason, _ in skips)
     manifest = Manifest(
@@ -358,9 +391,9 @@ def build_shards(
         totals={
             "files": files,
             "documents": sum(s.documents for s in splits.values()),
-            "duplicates": duplicates,
+            "duplicates": splitter.duplicates,
             "bytes": bytes_in,
-            "tokens": doc_tokens,
+            "tokens": splitter.tokens,
             "skipped": dict(sorted(reasons.items())),
         },
         skipped=[{"name": n, "reason": r, "detail": d} for n, r, d in skips[:MAX_SKIP_EXAMPLES]],

@@ -129,6 +129,14 @@ def _walk(root: Path, matcher: _Matcher, skips: list) -> Iterator[tuple[Path, st
                 yield Path(dirpath, name), rel
 
 
+def list_files(
+    sources: Sequence[str | os.PathLike], include: Sequence[str], exclude: Sequence[str]
+) -> list[Path]:
+    """The files a build would read, in build order (e.g. to train a tokenizer on the same)."""
+    tasks, _, _ = plan_tasks(sources, include, exclude)
+    return [Path(t.path) for t in tasks if t.kind == "file" or t.start == 0]
+
+
 def _jsonl_tasks(path: Path, size: int, chunk_bytes: int) -> list[Task]:
     """Split a JSONL file into line-aligned byte ranges of about chunk_bytes."""
     bounds = [0]

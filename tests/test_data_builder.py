@@ -152,6 +152,19 @@ def test_shard_sizes_and_hashes_match_manifest(corpus, tmp_path: Path):
     assert on_disk["totals"]["documents"] == m.totals["documents"]
 
 
+def test_small_corpus_still_gets_one_val_document(corpus, tmp_path: Path):
+    root, texts = corpus
+    tok = ByteTokenizer()
+    tiny = build_shards([root], tmp_path / "a", tok, SEQ, NF, val_fraction=1e-9, progress=False)
+    assert (tiny.splits["val"].documents, tiny.splits["train"].documents) == (1, len(texts) - 1)
+    none = build_shards([root], tmp_path / "b", tok, SEQ, NF, val_fraction=0.0, progress=False)
+    assert none.splits["val"].documents == 0
+    one_doc = tmp_path / "one.txt"
+    one_doc.write_text("only document\n")
+    single = build_shards([one_doc], tmp_path / "c", tok, SEQ, NF, progress=False)
+    assert (single.splits["train"].documents, single.splits["val"].documents) == (1, 0)
+
+
 def test_dedup_by_exact_content(corpus, tmp_path: Path):
     root, texts = corpus
     src = tmp_path / "src"
