@@ -38,6 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 from webdataset.gopen import gopen
 
+from mtp_dist.tokenizers import Tokenizer
+
 from .manifest import Manifest, ManifestError
 
 log = logging.getLogger(__name__)
@@ -340,7 +342,7 @@ class TokenWindowLoader:
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         on_bad_shard: str = "error",
-        tokenizer: dict | object | None = None,
+        tokenizer: Tokenizer | dict | None = None,
         seq_len: int | None = None,
         n_future: int | None = None,
         shard_url_template: str | None = None,
@@ -357,7 +359,9 @@ class TokenWindowLoader:
                 f"bad layout: dp_rank={dp_rank} dp_size={dp_size} batch_size={batch_size} "
                 f"num_workers={num_workers}"
             )
-        identity = tokenizer.identity() if hasattr(tokenizer, "identity") else tokenizer
+        identity = (
+            tokenizer if tokenizer is None or isinstance(tokenizer, dict) else tokenizer.identity()
+        )
         m.check_compatible(identity, seq_len, n_future)
         info = m.splits[split]
         total, workers, train = info.samples, max(1, num_workers), split == "train"
