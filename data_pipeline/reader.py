@@ -359,10 +359,9 @@ class TokenWindowLoader:
                 f"bad layout: dp_rank={dp_rank} dp_size={dp_size} batch_size={batch_size} "
                 f"num_workers={num_workers}"
             )
-        identity = (
-            tokenizer if tokenizer is None or isinstance(tokenizer, dict) else tokenizer.identity()
-        )
-        m.check_compatible(identity, seq_len, n_future)
+        if tokenizer is not None and not isinstance(tokenizer, dict):
+            tokenizer = tokenizer.identity()
+        m.check_compatible(tokenizer, seq_len, n_future)
         info = m.splits[split]
         total, workers, train = info.samples, max(1, num_workers), split == "train"
         if train:
