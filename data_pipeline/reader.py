@@ -448,6 +448,7 @@ class TokenWindowLoader:
             "split": self.split,
             "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch,
+            "batches_per_epoch": self.spec.batches,
             "samples_consumed": self.batches_in_epoch * self.spec.batch_size,
             "seed": self.spec.seed,
             "dp_size": self.spec.dp_size,
@@ -457,17 +458,25 @@ class TokenWindowLoader:
             "data": hashlib.sha256("".join(self.spec.shas).encode()).hexdigest()[:16],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken. The layout must match; it says what differs."""
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue exactly where `state` was taken; the layout must match (the error names
+        what differs). `strict=False` also accepts another dp_size, batch_size, num_workers or
+        shuffle_buffer (an elastic restart): it keeps the epoch and the fraction of it already
+        consumed - close, but not sample-exact."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data loader state version {state.get('version')} != {STATE_VERSION}")
         mine = self.state_dict()
-        for key in _LAYOUT_KEYS:
-            if state.get(key) != mine[key]:
+        differs = [key for key in _LAYOUT_KEYS if state.get(key) != mine[key]]
+        for key in differs:
+            if strict or key in ("split", "seed", "data"):
                 raise ValueError(
                     f"data loader state has {key}={state.get(key)!r} but this loader has "
                     f"{mine[key]!r}; exact resume needs the same data layout"
                 )
-        if not 0 <= state["batches_in_epoch"] < self.spec.batches:
-            raise ValueError(f"batches_in_epoch={state['batches_in_epoch']} out of range")
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        batches = int(state["batches_in_epoch"])
+        if differs:
+            batches = batches * self.spec.batches // int(state["batches_per_epoch"])
+            log.warning("data layout changed (%s): resuming approximately", ", ".join(differs))
+        if not 0 <= batches < self.spec.batches:
+            raise ValueError(f"batches_in_epoch={batches} out of range")
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), batches

@@ -161,6 +161,19 @@ def test_resume_refuses_a_different_layout(shards: Path):
     TokenWindowLoader(shards, "train", BS, 1, 2, num_workers=2).load_state_dict(state)
 
 
+def test_elastic_resume_keeps_epoch_and_fraction(shards: Path):
+    two = TokenWindowLoader(shards, "train", BS, 0, 2)
+    state = two.state_dict() | {"epoch": 3, "batches_in_epoch": two.batches_per_epoch() // 2}
+    one = TokenWindowLoader(shards, "train", BS, 0, 1)
+    with pytest.raises(ValueError, match="dp_size"):
+        one.load_state_dict(state)
+    one.load_state_dict(state, strict=False)
+    assert one.epoch == 3
+    assert abs(one.batches_in_epoch - one.batches_per_epoch() // 2) <= 1
+    with pytest.raises(ValueError, match="seed"):
+        one.load_state_dict(state | {"seed": 99}, strict=False)
+
+
 def test_val_is_one_complete_pass_with_equal_counts(shards: Path):
     everything = _all_windows(shards, "val")
     nb = TokenWindowLoader(shards, "val", BS, 0, 2).batches_per_epoch()
