@@ -373,7 +373,7 @@ def build_shards(
             for digest, tokens in result.docs:
                 splitter.add(digest, tokens)
             bar.update(task.size)
-            bar.set_postfix(files=files, tokens=splitter.tokens, refresh=False)
+            bar.set_postfix(files=files, tokens=f"{splitter.tokens / 1e6:.2f}M", refresh=False)
     bar.close()
     splits = splitter.finish()
 

@@ -66,7 +66,9 @@ class Trainer:
             cfg.model.vocab_size = ckpt.padded_vocab(self.tokenizer.vocab_size)
         ckpt.check_tokenizer(cfg, self.tokenizer, self.run_dir)
         manifest = prepare_shards(cfg, self.tokenizer, self.runtime)
-        self.train_loader, self.val_loader = make_loaders(cfg, manifest, self.runtime)
+        self.train_loader, self.val_loader = make_loaders(
+            cfg, manifest, self.tokenizer, self.runtime
+        )
         seed_everything(cfg.train.seed)  # same initial weights however the data was prepared
         self.engine = self.runtime.build_engine(cfg)
         self.step = 0
@@ -125,6 +127,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def evaluate(self) -> StepMetrics | None:
+        if self.val_loader is None:
+            return None
         metrics = []
         for k, batch in enumerate(self.val_loader):
             if k >= self.cfg.train.eval_batches:
@@ -137,67 +141,78 @@ class Trainer:
         accs = np.mean([m.head_accuracy for m in metrics], axis=0).tolist()
         return StepMetrics(sum(losses), losses, accs, sum(m.tokens for m in metrics) // n)
 
+    def _say(self, message: str) -> None:
+        if self.runtime.is_main:
+            tqdm.write(message)
+
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
-    def fit(self) -> list[dict]:
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train to train.max_steps (or stop, checkpointed, after `stop_after` steps: the
+        schedule still follows max_steps, as if the job had been interrupted there)."""
         cfg, rt = self.cfg.train, self.runtime
+        last_step = min(cfg.max_steps, stop_after or cfg.max_steps)
         tracker = make_tracker(self.cfg, rt.is_main)
         if rt.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
-        metrics_file = self.run_dir / "metrics.jsonl"
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.is_main, unit="step")
         data = iter(self.train_loader)
         status = "FAILED"
         try:
-            while self.step < cfg.max_steps:
+            while self.step < last_step:
                 started = time.perf_counter()
-                micro = [next(data) for _ in range(cfg.grad_accum_steps)]
-                m = self.engine.train_step(micro)
-                elapsed = time.perf_counter() - started
+                m = self.engine.train_step([next(data) for _ in range(cfg.grad_accum_steps)])
                 self.step += 1
+                self._record(m, time.perf_counter() - started, tracker, bar)
                 self._check_finite(m)
-                tokens, seconds = rt.all_reduce_sum([float(m.tokens), elapsed])
-                tok_s = tokens / (seconds / rt.dp_size)
-                record = {"step": self.step, **asdict(m), "tokens_per_s": tok_s}
-                if not m.skipped:
-                    self.history.append({"step": self.step, "head_losses": m.head_losses})
-                if rt.is_main:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    heads = " ".join(f"{x:.3f}" for x in m.head_losses)
-                    bar.set_postfix_str(f"loss {m.loss:.3f} [{heads}] {tok_s:,.0f} tok/s")
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        extra = {"train/tokens_per_s": tok_s, "train/lr": m.lr}
-                        tracker.log_metrics({**_metric_dict("train", m), **extra}, self.step)
-                if cfg.eval_every and (
-                    self.step % cfg.eval_every == 0 or self.step == cfg.max_steps
-                ):
-                    val = self.evaluate()
-                    if val is not None:
-                        self.val_history.append({"step": self.step, "head_losses": val.head_losses})
-                        tracker.log_metrics(_metric_dict("val", val), self.step)
-                        if rt.is_main:
-                            bar.write(f"step {self.step}: val loss per head {val.head_losses}")
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == last_step):
+                    self._validate(tracker)
                 stop = rt.all_reduce_sum([float(self._stop_requested)])[0] > 0
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or stop:
+                if self.step % cfg.ckpt_every == 0 or self.step == last_step or stop:
                     self.save_checkpoint()
                 if stop:
-                    if rt.is_main:
-                        bar.write(f"stop requested: checkpointed step {self.step}, exiting")
+                    self._say(f"stop requested: checkpointed step {self.step}, exiting")
                     status = "KILLED"
                     return self.history
             status = "FINISHED"
-            if rt.is_main:
+            if rt.is_main and self.step == cfg.max_steps:
                 self._final_artifacts(tracker)
             return self.history
         finally:
             bar.close()
             tracker.close(status)
+
+    def _record(self, m: StepMetrics, elapsed: float, tracker, bar) -> None:
+        """metrics.jsonl line, progress bar and MLflow metrics (main rank); throughput summed
+        over data-parallel ranks."""
+        rt, cfg = self.runtime, self.cfg.train
+        tokens, seconds = rt.all_reduce_sum([float(m.tokens), elapsed])
+        tok_s = tokens / (seconds / rt.dp_size)
+        if not m.skipped:
+            self.history.append({"step": self.step, "head_losses": m.head_losses})
+        if not rt.is_main:
+            return
+        record = {"step": self.step, **asdict(m), "tokens_per_s": tok_s}
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        heads = " ".join(f"{x:.3f}" for x in m.head_losses)
+        bar.set_postfix_str(f"loss {m.loss:.3f} [{heads}] {tok_s:,.0f} tok/s")
+        bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            extra = {"train/tokens_per_s": tok_s, "train/lr": m.lr}
+            tracker.log_metrics({**_metric_dict("train", m), **extra}, self.step)
+
+    def _validate(self, tracker) -> None:
+        val = self.evaluate()
+        if val is None:
+            return
+        self.val_history.append({"step": self.step, "head_losses": val.head_losses})
+        tracker.log_metrics(_metric_dict("val", val), self.step)
+        self._say(f"step {self.step}: validation loss per head {val.head_losses}")
 
     def _check_finite(self, m: StepMetrics) -> None:
         if not m.skipped:

@@ -1,0 +1,175 @@
+"""Single-process training: exact resume, NaN handling, checkpoints, tokenizer checks, MLflow."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_dist.config import load_config
+from mtp_dist.training import Trainer, TrainingAborted
+from mtp_dist.training import checkpoint as ckpt
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """~40 real Python files (non-ASCII included) copied from the standard library."""
+    root = tmp_path_factory.mktemp("corpus")
+    for path in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py")):
+        (root / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    (root / "unicode.py").write_text("# café ünïcødé ✓ 日本語\nx = 'naïve'\n" * 50)
+    return root
+
+
+def tiny_cfg(run_dir: Path, corpus: Path, *overrides: str):
+    return load_config(
+        "configs/tiny-cpu.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"data.source={corpus}",
+            "data.tokenizer=bytes",
+            "data.seq_len=32",
+            "data.val_fraction=0.2",
+            "model.d_model=32",
+            "model.n_layers=3",
+            "model.n_attn_heads=2",
+            "model.n_future=2",
+            "model.max_seq_len=64",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=2",
+            "train.max_steps=6",
+            "train.warmup_steps=2",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            "train.ckpt_every=3",
+            "train.log_every=1",
+            "tracking.enabled=false",
+            *overrides,
+        ],
+    )
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, list[float]]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["head_losses"]) for r in map(json.loads, lines)]
+
+
+def test_resume_is_exact(tmp_path, corpus):
+    straight = tmp_path / "straight"
+    Trainer(tiny_cfg(straight, corpus)).fit()
+    split = tmp_path / "split"
+    Trainer(tiny_cfg(split, corpus)).fit(stop_after=3)
+    assert [s for s, _, _ in losses(split)] == [1, 2, 3]
+    Trainer(tiny_cfg(split, corpus), resume=True).fit()
+    assert losses(split) == losses(straight)  # bit-for-bit, loss for loss, head for head
+    assert [s for s, _, _ in losses(straight)] == [1, 2, 3, 4, 5, 6]
+    a = torch.load(ckpt.latest_checkpoint(straight) / "model.pt")
+    b = torch.load(ckpt.latest_checkpoint(split) / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_reduces_loss_and_writes_artifacts(tmp_path, corpus):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(run, corpus, "train.max_steps=30", "train.lr=3e-3", "train.ckpt_every=10")
+    Trainer(cfg).fit()
+    history = losses(run)
+    first, last = history[0][1], sum(loss for _, loss, _ in history[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert all(len(h) == 2 for _, _, h in history)
+    assert (run / "loss_per_head.png").stat().st_size > 1000
+    kept = ckpt.complete_checkpoints(run)
+    assert [p.name for p in kept] == ["step_00000010", "step_00000020", "step_00000030"]
+    model, tokenizer = ckpt.load_for_inference(run)
+    assert tokenizer.kind == "bytes" and model.cfg.n_future == 2
+
+
+def test_keep_last_prunes(tmp_path, corpus):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus, "train.ckpt_every=1", "train.keep_last=2")).fit()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_00000005", "step_00000006"]
+    assert not list(ckpt.checkpoints_dir(run).glob(".tmp-*"))
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus)).fit(stop_after=3)
+    with pytest.raises(TrainingAborted, match="--resume"):
+        Trainer(tiny_cfg(run, corpus))
+    with pytest.raises(TrainingAborted, match="model config differs"):
+        Trainer(tiny_cfg(run, corpus, "model.d_model=64"), resume=True)
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path, corpus):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus)).fit(stop_after=3)
+    root = ckpt.checkpoints_dir(run)
+    (root / ".tmp-step_00000004").mkdir()  # a crash mid-write
+    (root / "step_00000005").mkdir()  # renamed but no marker (cannot happen, but be safe)
+    assert ckpt.latest_checkpoint(run).name == "step_00000003"
+    trainer = Trainer(tiny_cfg(run, corpus), resume=True)
+    assert trainer.step == 3
+
+
+def test_corrupt_trainer_state_is_a_clear_error(tmp_path, corpus):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus)).fit(stop_after=3)
+    state = ckpt.latest_checkpoint(run) / "trainer.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="trainer.pt"):
+        Trainer(tiny_cfg(run, corpus), resume=True)
+
+
+def test_nan_steps_are_skipped_then_abort(tmp_path, corpus):
+    trainer = Trainer(tiny_cfg(tmp_path / "run", corpus, "train.max_bad_steps=3"))
+    real_step = trainer.engine.train_step
+    calls = {"n": 0}
+
+    def flaky(micro):  # one NaN step, then healthy, then NaN forever
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:
+            with torch.no_grad():
+                trainer.engine.model.embed.weight[0, 0] = float("nan")
+                for window in micro:
+                    window[:, 0] = 0  # make sure the poisoned row is used
+        return real_step(micro)
+
+    trainer.engine.train_step = flaky
+    with pytest.raises(TrainingAborted, match="3 consecutive steps with non-finite loss"):
+        trainer.fit()
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, False, True, True, True]
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tmp_path, corpus):
+    from mtp_dist.tokenizers import train_sentencepiece
+
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus)).fit(stop_after=3)
+    other = train_sentencepiece(sorted(corpus.glob("*.py")), tmp_path / "sp", vocab_size=400)
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer mismatch.*vocab_size=400"):
+        ckpt.load_for_inference(run, tokenizer_dir=tmp_path / "sp")
+    del other
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus):
+    import mlflow
+
+    run = tmp_path / "run"
+    cfg = tiny_cfg(run, corpus, "tracking.enabled=true", "train.max_steps=3")
+    Trainer(cfg).fit()
+    client = mlflow.MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "mtp_dist"]
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["model.n_future"] == "2"
+    assert mlrun.data.params["train.lr"] == str(cfg.train.lr)
+    for key in ("train/loss", "train/loss_head1", "train/loss_head2", "train/tokens_per_s"):
+        assert key in mlrun.data.metrics
+    assert "val/loss_head2" in mlrun.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"loss_per_head.png", "config.yaml", "tokenizer"} <= artifacts
