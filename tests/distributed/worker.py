@@ -1,0 +1,180 @@
+"""Spawned side of the equivalence tests: runs several layouts in one gloo job.
+
+    python tests/distributed/worker.py SPEC.json
+
+SPEC: {"world": N, "port": P, "out": path, "jobs": [{"name", "parallel": {...}, "train":
+{...}, "resume_dp": bool, ...}], "model": {...}, "data": {...}, "batches": path}. One process
+group serves every layout in the job (megatron-core import and process start-up are the slow
+part), each layout builds its own groups and DeepSpeed engine. Rank 0 writes, per layout: the
+first step's loss and gathered gradients, per-step losses, parameters after the steps (MTPModel
+names, full shapes), the losses after resuming from the step-`save_at` checkpoint, and the
+consolidated checkpoint's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def make_config(spec: dict, job: dict):
+    from mtp_dist.config import load_config
+
+    over = [f"run_dir={job['run_dir']}"]
+    for section in ("model", "data", "train"):
+        for k, v in {**spec.get(section, {}), **job.get(section, {})}.items():
+            over.append(f"{section}.{k}={v}")
+    for k, v in job["parallel"].items():
+        over.append(f"parallel.{k}={v}")
+    return load_config(None, over)
+
+
+def gathered(engine, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-rank {local name: tensor} -> full MTPModel tensors (TP joined; heads and stages
+    merged) on every rank."""
+    from mtp_dist.distributed.tensor_parallel import split_dim
+
+    mine = {}
+    for local, value in values.items():
+        full = engine.full_param_name(local)
+        mine[full] = (value.detach().double().cpu(), engine.topo.coord(engine.rank).model,
+                      engine.is_sharded(local))  # fmt: skip
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    out: dict[str, dict[int, tuple]] = {}
+    for part in everyone:
+        for name, (tensor, tp_rank, sharded) in part.items():
+            out.setdefault(name, {})[tp_rank] = (tensor, sharded)
+    merged = {}
+    for name, by_rank in out.items():
+        first = next(iter(by_rank.values()))
+        if first[1]:
+            merged[name] = torch.cat([by_rank[r][0] for r in sorted(by_rank)], dim=split_dim(name))
+        else:
+            merged[name] = first[0]
+    return merged
+
+
+def local_grads(engine) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, p in engine.engine.module.named_parameters():
+        g = safe_get_full_grad(p)
+        out[name] = torch.zeros_like(p) if g is None else g
+    return out
+
+
+def local_params(engine) -> dict[str, torch.Tensor]:
+    from mtp_dist.distributed.checkpointing import full_params
+
+    inverse = {engine.full_param_name(n): n for n, _ in engine.engine.module.named_parameters()}
+    return {inverse[k]: v for k, v in full_params(engine).items()}
+
+
+def my_rows(batch: torch.Tensor, engine) -> torch.Tensor:
+    d, rows = engine.topo.coord(engine.rank).data, engine.cfg.train.micro_batch_size
+    return batch[d * rows : (d + 1) * rows]
+
+
+def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tensor) -> dict:
+    import time
+
+    t0 = time.time()
+    log = lambda *a: print(
+        f"[rank {rank} {time.time() - t0:.1f}s]", *a, file=sys.stderr, flush=True
+    )
+    from mtp_dist.distributed import LaunchEnv
+    from mtp_dist.distributed.runtime import DistributedRuntime
+
+    cfg = make_config(spec, job)
+    runtime = DistributedRuntime(cfg, LaunchEnv(rank, world, 0, "127.0.0.1", spec["port"]))
+    result: dict = {"name": job["name"]}
+    log("runtime")
+    engine = runtime.build_engine(cfg)
+    log("engine")
+    grads: dict = {}
+    engine.before_step = lambda e: grads.update(gathered(e, local_grads(e))) if not grads else None
+    gas = cfg.train.grad_accum_steps
+    steps = job.get("steps", 3)
+    save_at = job.get("save_at")
+    run_dir = Path(job["run_dir"])
+    losses, norms = [], []
+    for s in range(steps):
+        m = engine.train_step([my_rows(batches[s * gas + k], engine) for k in range(gas)])
+        losses.append(m.head_losses)
+        norms.append(m.grad_norm)
+        log("step", s)
+        if save_at == s + 1:
+            ckpt = run_dir / "ckpt"
+            if rank == 0:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                (ckpt / "config.yaml").write_text(_yaml(cfg))
+            dist.barrier()
+            engine.save(ckpt)
+            if rank == 0:
+                (ckpt / "complete.json").write_text("{}")
+            result["params"] = gathered(engine, local_params(engine))
+    result.update(losses=losses, grads=grads, norms=norms)
+    if "params" not in result:
+        result["params"] = gathered(engine, local_params(engine))
+    log("trained")
+    if save_at:
+        fresh = runtime.build_engine(cfg)
+        fresh.load(run_dir / "ckpt")
+        resumed = []
+        for s in range(save_at, steps):
+            micro = [my_rows(batches[s * gas + k], fresh) for k in range(gas)]
+            resumed.append(fresh.train_step(micro).head_losses)
+        result["resumed"] = resumed
+        if rank == 0:
+            from mtp_dist.distributed.checkpointing import consolidate
+
+            out = consolidate(run_dir / "ckpt", run_dir / "consolidated")
+            result["consolidated"] = torch.load(out / "model.pt")
+    runtime.barrier()
+    return result
+
+
+def _yaml(cfg) -> str:
+    from mtp_dist.config import to_yaml
+
+    return to_yaml(cfg)
+
+
+def main_rank(rank: int, world: int, spec: dict) -> None:
+    torch.set_num_threads(1)
+    batches = torch.load(spec["batches"])
+    results = []
+    for job in spec["jobs"]:
+        try:
+            results.append(run_layout(rank, world, spec, job, batches))
+        except Exception as err:  # reported to the test, which fails naming the layout
+            results.append({"name": job["name"], "error": f"{err!r}\n{traceback.format_exc()}"})
+            if dist.is_initialized():
+                break  # the other ranks may be stuck in a collective: stop here
+    if rank == 0:
+        torch.save(results, spec["out"])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    tempfile.tempdir = spec.get("tmp", tempfile.gettempdir())
+    torch.multiprocessing.spawn(main_rank, args=(spec["world"], spec), nprocs=spec["world"])
+
+
+if __name__ == "__main__":
+    main()
