@@ -3,26 +3,30 @@
     problems = load_benchmark("mbpp")
     result = evaluate(complete, problems, EvalConfig(samples=0), Sandbox())
 
-Protocol and sandbox: docs/eval.md.
+Protocol and sandbox: docs/eval.md. Names are imported on first use (see mtp_dist.inference).
 """
 
-from .benchmarks import BENCHMARKS, Problem, load_benchmark, load_humaneval, load_mbpp
-from .harness import EvalConfig, evaluate, reference_completions
-from .passk import mean_pass_at_k, pass_at_k
-from .sandbox import CheckResult, Limits, Sandbox
+from importlib import import_module
 
-__all__ = [
-    "BENCHMARKS",
-    "CheckResult",
-    "EvalConfig",
-    "Limits",
-    "Problem",
-    "Sandbox",
-    "evaluate",
-    "load_benchmark",
-    "load_humaneval",
-    "load_mbpp",
-    "mean_pass_at_k",
-    "pass_at_k",
-    "reference_completions",
-]
+_EXPORTS = {
+    "BENCHMARKS": "benchmarks",
+    "Problem": "benchmarks",
+    "load_benchmark": "benchmarks",
+    "load_humaneval": "benchmarks",
+    "load_mbpp": "benchmarks",
+    "EvalConfig": "harness",
+    "evaluate": "harness",
+    "reference_completions": "harness",
+    "mean_pass_at_k": "passk",
+    "pass_at_k": "passk",
+    "CheckResult": "sandbox",
+    "Limits": "sandbox",
+    "Sandbox": "sandbox",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,8 @@ class DecodeStats:
     forwards: int = 0
     steps: int = 0
     """Batched forwards (what wall-clock time is spent on)."""
+    mixed_steps: int = 0
+    """Speculative steps in which rows of the batch accepted different numbers of drafts."""
     proposed: list[int] = field(default_factory=list)
     """Per block position j: how often the token there could have been emitted."""
     accepted: list[int] = field(default_factory=list)
@@ -74,6 +76,7 @@ class DecodeStats:
             tokens=self.tokens + other.tokens,
             forwards=self.forwards + other.forwards,
             steps=self.steps + other.steps,
+            mixed_steps=self.mixed_steps + other.mixed_steps,
             proposed=[a + b for a, b in zip(pad(self.proposed), pad(other.proposed))],
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
             seconds=self.seconds + other.seconds,
@@ -85,6 +88,7 @@ class DecodeStats:
             "tokens": self.tokens,
             "forwards": self.forwards,
             "batched_forwards": self.steps,
+            "mixed_steps": self.mixed_steps,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "acceptance_rate": [round(r, 4) for r in self.acceptance_rate],
             "seconds": round(self.seconds, 4),
@@ -237,6 +241,7 @@ class _Run:
         self.pending = greedy[rows, accepted]
         # Statistics: draft j counts as proposed when emitting it could fit in the budget.
         acc, left = accepted.tolist(), [self.budget[i] - len(self.out[i]) for i in self.active]
+        self.stats.mixed_steps += len(set(acc)) > 1
         for j in range(1, w):
             self.stats.proposed[j] += sum(1 for r in left if j < r)
             self.stats.accepted[j] += sum(1 for a, r in zip(acc, left) if j < r and a >= j)
