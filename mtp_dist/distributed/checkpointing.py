@@ -29,6 +29,7 @@ from ..training.checkpoint import MARKER, CheckpointError, resolve_checkpoint
 from .tensor_parallel import split_dim
 
 TAG = "state"
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _layout(engine) -> dict:
@@ -55,14 +56,34 @@ def full_params(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW moments per parameter, gathered over data parallelism (collective), by MTPModel
+    name: what a resume under another data-parallel size re-partitions."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    out: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
+    plain = engine.cfg.parallel.zero_stage == 0
+    for name, param in engine.engine.module.named_parameters():
+        for key in MOMENTS:
+            if plain:
+                value = engine.engine.optimizer.state.get(param, {}).get(key)
+            else:
+                value = safe_get_full_optimizer_state(param, key)
+            value = torch.zeros_like(param) if value is None else value
+            out[key][engine.full_param_name(name)] = value.detach().cpu().clone()
+    return out
+
+
 def save(engine, directory: Path) -> None:
     """Every rank calls this (DeepSpeed's save is collective)."""
     engine.engine.save_checkpoint(str(directory / "deepspeed"), tag=TAG, save_latest=False)
     params = full_params(engine)
+    moments = full_moments(engine) if engine.engine.global_steps > 0 else None
     coord = engine.topo.coord(engine.rank)
     if coord.data == 0:
         shard = {
             "params": params,
+            "moments": moments,
             "sharded": sorted(
                 engine.full_param_name(n)
                 for n, _ in engine.engine.module.named_parameters()
@@ -93,14 +114,49 @@ def load(engine, directory: Path) -> None:
             f"{directory}: resuming ZeRO-3 with data-parallel size {now['data']} (saved with "
             f"{saved['data']}) needs DeepSpeed's universal checkpoint conversion, not supported"
         )
+    repartition = saved["data"] != now["data"] and now["zero_stage"] in (1, 2)
+    # ZeRO 1/2 partitions of the optimizer state are per data-parallel rank; under a new dp
+    # size DeepSpeed loads module, scheduler and step, and we re-partition the moments from
+    # the layout-free shards (DeepSpeed's elastic path expects a param-group 'step' that
+    # torch's AdamW does not keep).
     path, _ = engine.engine.load_checkpoint(
         str(directory / "deepspeed"),
         tag=TAG,
-        load_optimizer_states=True,
+        load_optimizer_states=not repartition,
         load_lr_scheduler_states=True,
     )
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint under {directory / 'deepspeed'}")
+    if repartition:
+        _restore_moments(engine, directory)
+
+
+def _restore_moments(engine, directory: Path) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    coord = engine.topo.coord(engine.rank)
+    shard = torch.load(
+        directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    zero = engine.engine.optimizer
+    steps = float(engine.engine.global_steps)
+    for flat in zero.single_partition_of_fp32_groups:  # torch AdamW's lazily created state
+        zero.optimizer.state[flat] = {
+            "step": torch.tensor(steps),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    for name, param in engine.engine.module.named_parameters():
+        full = engine.full_param_name(name)
+        device = param.device
+        safe_set_full_fp32_param(param, shard["params"][full].to(device))
+        if shard["moments"] is not None:
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, shard["moments"][key][full].to(device), key)
 
 
 def merge_shards(directory: Path) -> dict[str, torch.Tensor]:

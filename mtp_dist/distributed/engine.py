@@ -26,7 +26,7 @@ from . import checkpointing
 from .head_parallel import apply_head_parallel, gather_head_metrics
 from .pipeline import build_pipeline, full_name
 from .tensor_parallel import MegatronLayers, load_params, shard_from_full
-from .topology import MegatronMPU, Topology
+from .topology import MegatronMPU, Topology, check_layout
 
 
 def param_dtype(cfg: RunConfig) -> torch.dtype:
@@ -102,14 +102,7 @@ class DeepSpeedTrainEngine:
         import deepspeed
         from megatron.core import parallel_state
 
-        if cfg.parallel.zero_stage > 1 and topo.pipeline > 1:
-            from .topology import TopologyError
-
-            raise TopologyError(
-                f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pipeline="
-                f"{topo.pipeline}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
-            )
-        topo.check_model(cfg.model)
+        check_layout(cfg, topo)
         self.cfg, self.topo, self.rank, self.device = cfg, topo, rank, device
         self.seq_len = cfg.data.seq_len
         self.head_group = parallel_state.get_tensor_model_parallel_group()

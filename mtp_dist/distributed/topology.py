@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..config import ModelConfig, ParallelConfig
+from ..config import ModelConfig, ParallelConfig, RunConfig
 
 
 class TopologyError(ValueError):
@@ -157,6 +157,17 @@ class Topology:
         )
 
 
+def check_layout(cfg: RunConfig, topo: Topology) -> None:
+    """Everything a run's config must satisfy for this layout, checked before any group exists."""
+    topo.check_model(cfg.model)
+    stage = cfg.parallel.zero_stage
+    if stage > 1 and topo.pipeline > 1:
+        raise TopologyError(
+            f"parallel.zero_stage={stage} with parallel.pipeline={topo.pipeline}: DeepSpeed's "
+            "pipeline engine supports ZeRO stage 0 or 1 only"
+        )
+
+
 def build_groups(topo: Topology) -> None:
     """Create the process groups once, through Megatron-core's parallel_state, and check that
     they are the ones this topology describes. Needs torch.distributed initialised."""
@@ -168,7 +179,11 @@ def build_groups(topo: Topology) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=topo.model, pipeline_model_parallel_size=topo.pipeline
+        tensor_model_parallel_size=topo.model,
+        pipeline_model_parallel_size=topo.pipeline,
+        # Megatron's extra gloo groups serve its distributed optimizer, which we do not use
+        # (DeepSpeed is); skipping them also lets a fake process group dry-run any layout.
+        create_gloo_process_groups=False,
     )
     rank = dist.get_rank()
     got = {

@@ -22,8 +22,11 @@ def make_batches(n: int, rows: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, MODEL["vocab_size"], (n, rows, width), generator=g)
 
 
-def reference(batches: torch.Tensor, steps: int, train: dict | None = None) -> dict:
-    """Per-step head losses, first-step gradients (before clipping), parameters after `steps`."""
+def reference(
+    batches: torch.Tensor, steps: int, train: dict | None = None, params_at: int | None = None
+) -> dict:
+    """Per-step head losses and grad norms, first-step gradients (before clipping), parameters
+    after `params_at` steps (default: all `steps`)."""
     train = {**TRAIN, **(train or {})}
     over = ["run_dir=/tmp/unused"] + [f"model.{k}={v}" for k, v in MODEL.items()]
     over += [f"data.{k}={v}" for k, v in DATA.items()] + [
@@ -43,10 +46,12 @@ def reference(batches: torch.Tensor, steps: int, train: dict | None = None) -> d
     torch.nn.utils.clip_grad_norm_ = probe
     try:
         gas = cfg.train.grad_accum_steps
-        metrics = [engine.train_step([batches[s * gas + k] for k in range(gas)])
-                   for s in range(steps)]  # fmt: skip
+        metrics, params = [], {}
+        for s in range(steps):
+            metrics.append(engine.train_step([batches[s * gas + k] for k in range(gas)]))
+            if s + 1 == (params_at or steps):
+                params = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
-    params = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     return {"losses": [m.head_losses for m in metrics], "norms": [m.grad_norm for m in metrics],
             "grads": grads, "params": params}  # fmt: skip

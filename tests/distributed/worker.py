@@ -88,33 +88,32 @@ def my_rows(batch: torch.Tensor, engine) -> torch.Tensor:
 
 
 def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tensor) -> dict:
-    import time
-
-    t0 = time.time()
-    log = lambda *a: print(
-        f"[rank {rank} {time.time() - t0:.1f}s]", *a, file=sys.stderr, flush=True
-    )
     from mtp_dist.distributed import LaunchEnv
     from mtp_dist.distributed.runtime import DistributedRuntime
 
     cfg = make_config(spec, job)
     runtime = DistributedRuntime(cfg, LaunchEnv(rank, world, 0, "127.0.0.1", spec["port"]))
     result: dict = {"name": job["name"]}
-    log("runtime")
-    engine = runtime.build_engine(cfg)
-    log("engine")
-    grads: dict = {}
-    engine.before_step = lambda e: grads.update(gathered(e, local_grads(e))) if not grads else None
     gas = cfg.train.grad_accum_steps
     steps = job.get("steps", 3)
     save_at = job.get("save_at")
+    if job.get("resume_from"):  # resume another job's checkpoint (e.g. another dp size)
+        engine = runtime.build_engine(cfg)
+        engine.load(Path(job["resume_from"]))
+        resumed = []
+        for s in range(save_at, steps):
+            micro = [my_rows(batches[s * gas + k], engine) for k in range(gas)]
+            resumed.append(engine.train_step(micro).head_losses)
+        return {"name": job["name"], "resumed": resumed}
+    engine = runtime.build_engine(cfg)
+    grads: dict = {}
+    engine.before_step = lambda e: grads.update(gathered(e, local_grads(e))) if not grads else None
     run_dir = Path(job["run_dir"])
     losses, norms = [], []
     for s in range(steps):
         m = engine.train_step([my_rows(batches[s * gas + k], engine) for k in range(gas)])
         losses.append(m.head_losses)
         norms.append(m.grad_norm)
-        log("step", s)
         if save_at == s + 1:
             ckpt = run_dir / "ckpt"
             if rank == 0:
@@ -128,7 +127,6 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
     result.update(losses=losses, grads=grads, norms=norms)
     if "params" not in result:
         result["params"] = gathered(engine, local_params(engine))
-    log("trained")
     if save_at:
         fresh = runtime.build_engine(cfg)
         fresh.load(run_dir / "ckpt")

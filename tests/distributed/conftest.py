@@ -1,0 +1,112 @@
+"""Distributed test tier: spawned gloo jobs on CPU, compared with a single-process reference.
+
+Starting a process that imports megatron-core and DeepSpeed costs ~15-25 s on this machine, so
+each world size runs ONE spawned job that goes through several layouts (tests/distributed/
+worker.py); the session-scoped fixtures below run each job once and the tests read its results.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import DATA, MODEL, TRAIN, make_batches  # noqa: E402
+
+WORKER = Path(__file__).parent / "worker.py"
+STEPS, SAVE_AT = 5, 3  # train 5 steps; checkpoint after 3, resume and redo steps 4-5
+MAX_DP = 2
+
+# name -> (world size, parallel config). Every layout checkpoints at step SAVE_AT and resumes.
+LAYOUTS = {
+    "dp2_zero1": (2, {"zero_stage": 1}),
+    "dp2_zero2": (2, {"zero_stage": 2}),
+    "dp2_zero3": (2, {"zero_stage": 3}),
+    "tp2": (2, {"tensor": 2, "zero_stage": 0}),
+    "pp2": (2, {"pipeline": 2, "zero_stage": 1}),
+    "head2": (2, {"head": 2, "zero_stage": 1}),
+    "tp2_head2": (2, {"tensor": 2, "head": 2, "zero_stage": 1}),
+    "tp2_pp2": (4, {"tensor": 2, "pipeline": 2, "zero_stage": 1}),
+    "head4": (4, {"head": 4, "zero_stage": 1}),
+    "tp2_dp2": (4, {"tensor": 2, "zero_stage": 1}),
+}
+# Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
+DP_CHANGE = {"dp2_zero1_to_dp1": "dp2_zero1", "dp2_zero2_to_dp1": "dp2_zero2"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dp_size(name: str) -> int:
+    world, par = LAYOUTS[name]
+    model = max(par.get("tensor", 1), par.get("head", 1))
+    return world // (model * par.get("pipeline", 1))
+
+
+def run_job(world: int, jobs: list[dict], root: Path, batches: Path, timeout: int = 600) -> dict:
+    out = root / f"results_world{world}.pt"
+    spec = {
+        "world": world, "port": free_port(), "out": str(out), "jobs": jobs, "model": MODEL,
+        "data": DATA, "train": TRAIN, "batches": str(batches), "tmp": str(root),
+    }  # fmt: skip
+    spec_file = root / f"spec_world{world}.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(spec_file)], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-5000:]
+    return {r["name"]: r for r in torch.load(out, weights_only=False)}
+
+
+@pytest.fixture(scope="session")
+def dist_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dist")
+
+
+@pytest.fixture(scope="session")
+def batches(dist_root) -> tuple[torch.Tensor, Path]:
+    data = make_batches(STEPS * TRAIN["grad_accum_steps"], TRAIN["micro_batch_size"] * MAX_DP)
+    path = dist_root / "batches.pt"
+    torch.save(data, path)
+    return data, path
+
+
+def _layout_jobs(world: int, root: Path) -> list[dict]:
+    return [
+        {"name": n, "parallel": par, "steps": STEPS, "save_at": SAVE_AT, "run_dir": str(root / n)}
+        for n, (w, par) in LAYOUTS.items()
+        if w == world
+    ]
+
+
+@pytest.fixture(scope="session")
+def world2(dist_root, batches) -> dict:
+    return run_job(2, _layout_jobs(2, dist_root), dist_root, batches[1])
+
+
+@pytest.fixture(scope="session")
+def world4(dist_root, batches) -> dict:
+    return run_job(4, _layout_jobs(4, dist_root), dist_root, batches[1])
+
+
+@pytest.fixture(scope="session")
+def world1(dist_root, batches, world2) -> dict:
+    jobs = []
+    for name, source in DP_CHANGE.items():
+        par = LAYOUTS[source][1]
+        jobs.append({
+            "name": name, "parallel": par, "steps": STEPS, "save_at": SAVE_AT,
+            "run_dir": str(dist_root / name), "resume_from": str(dist_root / source / "ckpt"),
+            "train": {"micro_batch_size": TRAIN["micro_batch_size"] * dp_size(source)},
+        })  # fmt: skip
+    return run_job(1, jobs, dist_root, batches[1])
