@@ -170,16 +170,20 @@ class Sandbox:
             # A timer kills on timeout while this thread blocks in waitpid: Popen.wait(timeout)
             # would poll with sleeps of up to 50 ms, most of a typical check's run time.
             expired = threading.Event()
-            timer = threading.Timer(
-                self.limits.timeout_s, lambda: (expired.set(), _kill_group(proc.pid))
-            )
+
+            def kill() -> None:
+                # The check's own processes first: `unshare` then reaps its child and exits.
+                # Killing `unshare` first would orphan that child as a zombie of init.
+                if uid is not None:
+                    _kill_uid(uid)
+                _kill_group(proc.pid)
+
+            timer = threading.Timer(self.limits.timeout_s, lambda: (expired.set(), kill()))
             timer.start()
             proc.wait()
             timer.cancel()
             timed_out = expired.is_set()
-            _kill_group(proc.pid)
-            if uid is not None:
-                _kill_uid(uid)
+            kill()  # whatever outlived the first process (setsid, double fork)
             os.set_blocking(read_fd, False)
             try:
                 verdict = os.read(read_fd, 16)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, RunConfig
+from ..config import DataConfig, ModelConfig, RunConfig
 from ..model import MTPModel
 from ..training import checkpoint as ckpt
 
@@ -109,7 +109,9 @@ def train_toy_model(
 
 def save_checkpoint(model: MTPModel, tokenizer, run_dir: str | Path, step: int = 1) -> Path:
     """Write `model` as a complete checkpoint of run_dir; returns the checkpoint directory."""
-    cfg = RunConfig(run_dir=str(run_dir), model=model.cfg)
+    kind = "bytes" if tokenizer.kind == "bytes" else "sentencepiece"
+    data = DataConfig(tokenizer=kind, seq_len=min(DataConfig().seq_len, model.cfg.max_seq_len))
+    cfg = RunConfig(run_dir=str(run_dir), model=model.cfg, data=data)
     tmp = ckpt.staging_dir(run_dir, step)
     torch.save(model.state_dict(), tmp / "model.pt")
     ckpt.write_common(tmp, cfg, tokenizer, {"step": step})
