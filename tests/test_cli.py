@@ -1,0 +1,85 @@
+"""The `mtp` command line end to end, as a user runs it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TINY = [
+    "data.seq_len=32",
+    "data.sp_vocab_size=600",
+    "data.val_fraction=0.2",
+    "model.d_model=32",
+    "model.n_layers=4",
+    "model.n_attn_heads=2",
+    "model.max_seq_len=128",
+    "train.max_steps=4",
+    "train.micro_batch_size=4",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.ckpt_every=2",
+    "tracking.enabled=false",
+]
+
+
+def mtp(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mtp_dist.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_every_subcommand():
+    out = mtp("--help").stdout
+    for name in ("train", "tokenizer", "data", "generate", "eval", "checkpoint"):
+        assert name in out
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    proc = mtp(
+        "train", "configs/tiny-cpu.yaml", f"run_dir={tmp_path}", "model.n_futur=2", check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "model.n_futur" in proc.stderr
+
+
+def test_train_then_generate_with_sentencepiece(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((STDLIB / "json").glob("*.py")):
+        (corpus / path.name).write_text(path.read_text())
+    run = tmp_path / "run"
+    mtp("train", "configs/tiny-cpu.yaml", f"run_dir={run}", f"data.source={corpus}", *TINY)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    # --resume on a finished run is a no-op that still succeeds.
+    mtp(
+        "train",
+        "configs/tiny-cpu.yaml",
+        f"run_dir={run}",
+        f"data.source={corpus}",
+        *TINY,
+        "--resume",
+    )
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    prompt = "def decode(s):\n"
+    plain = mtp("generate", "--checkpoint", str(run), "--prompt", prompt, "--max-tokens", "12")
+    fast = mtp(
+        "generate",
+        "--checkpoint",
+        str(run),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "12",
+        "--speculative",
+    )
+    assert plain.stdout == fast.stdout and plain.stdout.strip()
+    stats = json.loads(fast.stderr.strip().splitlines()[-1])
+    assert stats["tokens_per_forward"] >= 1.0
