@@ -456,7 +456,26 @@ class TokenWindowLoader:
             "num_workers": self.num_workers,
             "shuffle_buffer": self.shuffle_buffer,
             "data": hashlib.sha256("".join(self.spec.shas).encode()).hexdigest()[:16],
+            "next_reads": self._next_reads(),
         }
+
+    def _next_reads(self) -> list[dict]:
+        """Where each worker slice resumes reading: (shard, sample) of its current group's
+        first window. For people reading checkpoints; resuming needs only the counters."""
+        spec, k = self.spec, self.batches_in_epoch if self.spec.train else 0
+        group, out = spec.group_batches or 1, []
+        for w in range(spec.workers):
+            first, last = spec.worker_batches(w)
+            done = k // spec.workers + (1 if w < k % spec.workers else 0)
+            b = first + done - done % group
+            if b < last:
+                shard, sample, _ = spec.runs(
+                    self.epoch, b * spec.batch_size, b * spec.batch_size + 1
+                )[0]
+                out.append(
+                    {"slice": w, "shard": spec.urls[shard].rsplit("/", 1)[-1], "sample": sample}
+                )
+        return out
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue exactly where `state` was taken; the layout must match (the error names
