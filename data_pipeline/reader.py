@@ -442,7 +442,8 @@ class TokenWindowLoader:
                 shutdown()
 
     def state_dict(self) -> dict:
-        """Position and layout; identical on every rank, so saving rank 0's copy suffices."""
+        """Position and layout. All but the informational `next_reads` is the same on every
+        rank, so any rank's copy can resume every rank."""
         return {
             "version": STATE_VERSION,
             "split": self.split,
