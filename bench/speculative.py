@@ -1,0 +1,152 @@
+"""Self-speculative decoding vs plain greedy: tokens per forward, wall-clock speedup, efficiency.
+
+    python bench/speculative.py --checkpoint runs/tiny-cpu            # the tiny-cpu recipe, n=4
+
+Same model, same prompts, one run: every prompt is decoded by plain greedy and by
+self-speculative decoding (alternately, best of --repeats each, so that load from other
+processes hits both alike), alone and in batches of --batch prompts of different lengths.
+Prompts are the openings of held-out Python files — by default CPython's own test suite, which
+the stdlib training corpus leaves out (data_pipeline.STDLIB_EXCLUDE). Reports tokens per forward,
+acceptance rate per head position, speedup, efficiency = speedup / tokens per forward (the
+paper: 3.05 / 3.50 = 0.87), and whether every output equals plain greedy. The last line printed
+is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from mtp_dist.inference import Decoder, Stopper
+from mtp_dist.training.checkpoint import load_for_inference, resolve_checkpoint
+
+HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
+
+
+def held_out_prompts(tokenizer, files: list[Path], count: int, tokens: int) -> list[list[int]]:
+    """[EOS] + the first `tokens` tokens of each file (lengths vary: short files stay short)."""
+    prompts = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer.encode(text)[:tokens]
+        if len(ids) >= 16:
+            prompts.append([tokenizer.eos_id] + ids[: tokens - 8 * (len(prompts) % 4)])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def timed(dec: Decoder, prompts, speculative: bool, args, eos: int):
+    stoppers = [Stopper(eos_id=eos) for _ in prompts]
+    start = time.perf_counter()
+    out = dec.run(
+        prompts, max_new_tokens=args.max_tokens, speculative=speculative, stoppers=stoppers
+    )
+    return time.perf_counter() - start, out
+
+
+def compare(dec: Decoder, groups: list[list[list[int]]], args, eos: int) -> dict:
+    """Plain vs speculative over prompt groups (each group decoded as one batch)."""
+    plain_s = spec_s = 0.0
+    plain_out, spec_out, stats = [], [], None
+    for group in groups:
+        best = {False: float("inf"), True: float("inf")}
+        for rep in range(args.repeats):
+            for speculative in (rep % 2 == 1, rep % 2 == 0):  # alternate which goes first
+                seconds, out = timed(dec, group, speculative, args, eos)
+                best[speculative] = min(best[speculative], seconds)
+                if rep == 0:
+                    (spec_out if speculative else plain_out).extend(out.tokens)
+                    if speculative:
+                        stats = out.stats if stats is None else stats.merge(out.stats)
+        plain_s += best[False]
+        spec_s += best[True]
+    tokens = sum(len(t) for t in plain_out)
+    speedup = plain_s / spec_s
+    return {
+        "tokens_per_forward": round(stats.tokens_per_forward, 3),
+        "speedup": round(speedup, 3),
+        "efficiency": round(speedup / stats.tokens_per_forward, 3),
+        "identical_to_greedy": spec_out == plain_out,
+        "acceptance_rate": [round(r, 3) for r in stats.acceptance_rate],
+        "mixed_steps": stats.mixed_steps,
+        "tokens": tokens,
+        "plain_tokens_per_s": round(tokens / plain_s, 1),
+        "speculative_tokens_per_s": round(tokens / spec_s, 1),
+        "outputs": plain_out,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
+    p.add_argument("--files", default=str(HELD_OUT), help="directory of held-out .py files")
+    p.add_argument("--prompts", type=int, default=16, help="number of prompts")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (tokens)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
+    p.add_argument("--n-draft", type=int, default=None, help="draft heads (default all)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, tok = load_for_inference(ckpt)
+    files = sorted(Path(args.files).glob("test_*.py"))
+    prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
+    dec = Decoder(model, vocab_limit=tok.vocab_size)
+    if args.n_draft is not None:  # decode with fewer draft heads than the model has
+        dec.run(prompts[:1], max_new_tokens=1, speculative=True, n_draft=args.n_draft)
+    compare(dec, [prompts[:2]], argparse.Namespace(**{**vars(args), "repeats": 1}), tok.eos_id)
+
+    single = compare(dec, [[q] for q in prompts], args, tok.eos_id)
+    batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    batched = compare(dec, batches, args, tok.eos_id)
+    identical = (
+        single["identical_to_greedy"]
+        and batched["identical_to_greedy"]
+        and batched["outputs"] == single["outputs"]
+    )
+    for case, r in (("batch 1", single), (f"batch {args.batch}", batched)):
+        print(
+            f"{case:>8}: tokens/forward {r['tokens_per_forward']:.2f}  speedup "
+            f"{r['speedup']:.2f}x  efficiency {r['efficiency']:.2f}  acceptance "
+            f"{r['acceptance_rate']}  plain {r['plain_tokens_per_s']} tok/s  speculative "
+            f"{r['speculative_tokens_per_s']} tok/s  identical {r['identical_to_greedy']}"
+        )
+    for r in (single, batched):
+        del r["outputs"]
+    cfg = model.cfg
+    report = {
+        "tokens_per_forward": single["tokens_per_forward"],
+        "speedup": single["speedup"],
+        "efficiency": single["efficiency"],
+        "identical_to_greedy": identical,
+        "acceptance_rate": single["acceptance_rate"],
+        "batched": {"batch_size": args.batch, **batched},
+        "single": single,
+        "checkpoint": str(ckpt),
+        "model": {
+            "n_future": cfg.n_future,
+            "trunk_layers": cfg.trunk_layers,
+            "d_model": cfg.d_model,
+            "vocab_size": cfg.vocab_size,
+        },
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
