@@ -43,6 +43,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    pad_id: int = -1
+    """Token whose labels are ignored (the tokenizer's PAD; -1 = take it from the tokenizer)."""
     loss_impl: str = "sequential"
     """'sequential' (one head's logits alive at a time) or 'naive' (all heads in one graph)."""
 

@@ -156,3 +156,15 @@ def test_next_token_logits_is_causal():
     full = model.next_token_logits(inputs)
     prefix = model.next_token_logits(inputs[:, :6])
     torch.testing.assert_close(full[:, :6], prefix, rtol=1e-10, atol=1e-12)
+
+
+def test_pad_labels_are_masked():
+    model = tiny(2, pad_id=7)
+    inputs, labels = batch(T=12, extra=2)
+    labels = labels.clone()
+    labels[:, -4:] = 7  # the padded tail of a split's last window
+    with torch.no_grad():
+        padded = model(inputs, labels)
+        ignored = model(inputs, labels.masked_fill(labels == 7, IGNORE_INDEX))
+    assert torch.equal(padded.head_counts, ignored.head_counts)
+    torch.testing.assert_close(padded.head_losses, ignored.head_losses, rtol=0, atol=0)

@@ -71,9 +71,11 @@ class MultiTokenHeads(nn.Module):
         eps: float,
         layers: LayerFactory,
         loss_impl: str = "sequential",
+        pad_id: int = -1,
     ) -> None:
         super().__init__()
         self.n_future = n_future
+        self.pad_id = pad_id
         self.loss_impl = loss_impl
         self._token_loss = layers.token_loss
         blocks = [Block(d_model, n_attn_heads, ffn_hidden, eps, layers) for _ in range(n_future)]
@@ -142,6 +144,8 @@ class MultiTokenHeads(nn.Module):
         self, h: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> LossOutput:
         """Loss over heads for trunk output h (B, T, d) and next-token labels (B, >= T)."""
+        if self.pad_id >= 0:  # packed shards pad the last window of a split
+            labels = labels.masked_fill(labels == self.pad_id, IGNORE_INDEX)
         if self.loss_impl == "sequential" and torch.is_grad_enabled() and h.requires_grad:
             names = [flat for flat, _ in self.named_parameters()]
             params = [p for _, p in self.named_parameters()]

@@ -45,6 +45,7 @@ class MTPModel(nn.Module):
             eps=cfg.norm_eps,
             layers=head_layers or layers,
             loss_impl=cfg.loss_impl,
+            pad_id=cfg.pad_id,
         )
         cos, sin = rotary_tables(cfg.d_model // cfg.n_attn_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

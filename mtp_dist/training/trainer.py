@@ -64,6 +64,8 @@ class Trainer:
         self.tokenizer = prepare_tokenizer(cfg, self.runtime)
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = ckpt.padded_vocab(self.tokenizer.vocab_size)
+        if cfg.model.pad_id < 0:
+            cfg.model.pad_id = self.tokenizer.pad_id
         ckpt.check_tokenizer(cfg, self.tokenizer, self.run_dir)
         manifest = prepare_shards(cfg, self.tokenizer, self.runtime)
         self.train_loader, self.val_loader = make_loaders(
@@ -88,9 +90,14 @@ class Trainer:
         state = ckpt.read_trainer_state(path)
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.history, self.val_history = state["history"], state["val_history"]
-        # One reader position per data-parallel rank; the reader re-splits on a new dp size.
+        # One reader position per data-parallel rank. On a new data-parallel size the reader
+        # resumes at the same epoch and fraction consumed (not sample-exact: the split changed).
         positions = state["data"]
-        self.train_loader.load_state_dict(positions[min(self.runtime.dp_rank, len(positions) - 1)])
+        same_layout = len(positions) == self.runtime.dp_size
+        position = positions[self.runtime.dp_rank if same_layout else 0]
+        self.train_loader.load_state_dict(position, strict=same_layout)
+        if not same_layout and self.runtime.is_main:
+            print(f"data-parallel size {len(positions)} -> {self.runtime.dp_size}: elastic resume")
         ckpt.set_rng_state(state["rng"])
         if self.runtime.is_main:
             print(f"resumed from {path} at step {self.step}")
