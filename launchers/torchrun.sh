@@ -20,6 +20,7 @@
 #   MAX_RESTARTS     worker-group restarts after a failure [3]
 #   PYTHON           interpreter for torchrun and the workers [python3]
 #   TORCHRUN_ARGS    extra torchrun options, split on spaces (e.g. "--log-dir logs --tee 3")
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  [1]: see the note before the exec below
 #
 # Rendezvous caveat (docs/FACTS.md "Launchers"): with c10d, the launcher on node 0 must host the
 # rendezvous store. torchrun guesses it from the hostname, which goes wrong when several launchers
@@ -88,6 +89,12 @@ fi
 
 # The workers import this checkout of mtp_dist, whatever is installed.
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Restarts need a fresh store per attempt. By default (torch >= 2.5) the workers share the c10d
+# rendezvous store of the agent, which outlives an attempt: after a restart, process-group setup
+# reads the dead attempt's addresses ("Gloo connectFullMesh failed ... Connection refused", or a
+# hang). pytorch/pytorch#135712; seen here with torch 2.13 (tests/test_faults.py). With this set,
+# rank 0 hosts a new store for every attempt.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # SIGUSR1 asks the trainer to checkpoint and exit (Slurm's --signal). Its default action would
 # kill the torchrun agent itself, so the agent ignores it; the workers install their own handler.
 trap '' USR1

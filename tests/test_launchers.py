@@ -33,7 +33,7 @@ LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_N
 FAKE_PYTHON = """#!/usr/bin/env bash
 python3 - "$@" <<'EOF'
 import json, os, sys
-keys = ("PYTHONPATH", "MASTER_ADDR", "MLFLOW_TRACKING_URI", "RUN_DIR", "SLURM_NODEID")
+keys = ("PYTHONPATH", "MLFLOW_TRACKING_URI", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
 rank = os.environ.get("SLURM_NODEID", "x")
 with open(os.path.join(os.environ["FAKE_OUT"], f"torchrun-{rank}.json"), "w") as f:
     json.dump({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}, f)
@@ -120,6 +120,8 @@ def test_single_node_is_standalone_and_always_resumes(tmp_path):
         "--resume",
     ]
     assert got["env"]["PYTHONPATH"].split(":")[0] == str(REPO)
+    # A fresh rendezvous store per attempt, or restarts cannot rebuild the process groups.
+    assert got["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
 @pytest.mark.parametrize("node_rank, is_host", [("0", "1"), ("1", "0")])
