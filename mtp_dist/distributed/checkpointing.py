@@ -63,6 +63,12 @@ def full_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
 
     out: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
     plain = engine.cfg.parallel.zero_stage == 0
+    zero = engine.engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        # ZeRO 1/2 link parameters to their optimizer-state fragments once, after the first
+        # param group's first step, when the later groups have no state yet (0.19.8): relink.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
     for name, param in engine.engine.module.named_parameters():
         for key in MOMENTS:
             if plain:
@@ -142,6 +148,11 @@ def _restore_moments(engine, directory: Path) -> None:
     )
     zero = engine.engine.optimizer
     steps = float(engine.engine.global_steps)
+    # LambdaLR.load_state_dict restores the schedule position but not the groups' lr, which
+    # the optimizer state (not loaded here) would have carried.
+    scheduler = engine.engine.lr_scheduler
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
     for flat in zero.single_partition_of_fp32_groups:  # torch AdamW's lazily created state
         zero.optimizer.state[flat] = {
             "step": torch.tensor(steps),

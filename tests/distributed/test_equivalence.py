@@ -2,9 +2,10 @@
 
 float32, not float64: DeepSpeed's CPU accelerator refuses float64 gradient all-reduce, ZeRO keeps
 float32 master weights, and Megatron's vocab_parallel_cross_entropy computes in float32. Observed
-differences are ~1e-7 (losses, gradients) and ~3e-5 (parameters after 3 AdamW steps at lr 1e-2,
-where Adam's normalisation amplifies rounding); the tolerances sit a few times above them and far
-below a real bug (a missing head, an unreduced gradient or a wrong clip is >= 1e-3).
+differences: ~1e-7 (first-step losses, gradients), ~3e-5 (parameters after 3 AdamW steps at lr
+1e-2, where Adam's normalisation amplifies rounding, and the later losses that follow them). The
+tolerances sit a few times above these and far below a real bug (a missing head, an unreduced
+gradient or a wrong clip moves them by >= 1e-3).
 """
 
 from __future__ import annotations
@@ -18,9 +19,23 @@ from reference import TRAIN, reference
 
 pytestmark = pytest.mark.distributed
 
-LOSS_ATOL = 1e-5  # per-head losses are ~4.2
+FIRST_LOSS_ATOL = 2e-6  # per-head losses are ~4.2; step 1 differs only by summation order
+LOSS_ATOL = 1e-4  # later steps follow the parameters' drift
 GRAD_ATOL = 1e-6  # gradients up to ~0.45
 PARAM_ATOL = 1e-4  # weights ~0.02, AdamW steps of 1e-2
+
+
+def assert_params_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Parameters after AdamW steps: every element within PARAM_ATOL but a very few.
+
+    AdamW divides by sqrt(v): an element whose gradient is ~1e-8 (below float32 rounding of its
+    neighbours' sums) moves by up to lr with a rounding-dependent sign. Such elements are allowed
+    (at most 0.1% of a tensor, and never more than two steps' worth); a real bug moves nearly
+    every element of some tensor by ~lr."""
+    diff = (got.float() - want).abs()
+    bad = int((diff > PARAM_ATOL).sum())
+    assert bad <= max(2, diff.numel() // 1000), f"{name}: {bad}/{diff.numel()} elements differ"
+    assert float(diff.max()) <= 2 * TRAIN["lr"], f"{name}: max difference {float(diff.max())}"
 
 
 @functools.cache
@@ -50,14 +65,16 @@ def test_layout_matches_single_process(name: str, request) -> None:
     ref = _reference(TRAIN["micro_batch_size"] * dp_size(name))
     # Clipping must be active for the norm check to mean anything.
     assert min(ref["norms"]) > TRAIN["grad_clip"]
-    got, want = torch.tensor(result["losses"]), torch.tensor(ref["losses"])
-    torch.testing.assert_close(got, want.to(got.dtype), atol=LOSS_ATOL, rtol=0)
+    got = torch.tensor(result["losses"], dtype=torch.float64)
+    want = torch.tensor(ref["losses"], dtype=torch.float64)
+    torch.testing.assert_close(got[0], want[0], atol=FIRST_LOSS_ATOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=LOSS_ATOL, rtol=0)
     assert set(result["grads"]) == set(ref["grads"]), f"{name}: gradient names differ"
     for n, g in ref["grads"].items():
         torch.testing.assert_close(result["grads"][n].float(), g, atol=GRAD_ATOL, rtol=0, msg=n)
     assert set(result["params"]) == set(ref["params"])
     for n, p in ref["params"].items():
-        torch.testing.assert_close(result["params"][n].float(), p, atol=PARAM_ATOL, rtol=0, msg=n)
+        assert_params_close(result["params"][n], p, n)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -84,8 +101,8 @@ def test_resume_with_a_different_data_parallel_size(name: str, world1) -> None:
     result = _check(name, world1)
     ref = _reference(TRAIN["micro_batch_size"] * dp_size(DP_CHANGE[name]))
     torch.testing.assert_close(
-        torch.tensor(result["resumed"]),
-        torch.tensor(ref["losses"][SAVE_AT:]),
+        torch.tensor(result["resumed"], dtype=torch.float64),
+        torch.tensor(ref["losses"][SAVE_AT:], dtype=torch.float64),
         atol=LOSS_ATOL,
         rtol=0,
     )
