@@ -118,39 +118,44 @@ def mlflow_runs(tmp_path: Path):
     return client, client.search_runs(experiments)
 
 
-def test_two_nodes_two_processes_each(tmp_path):
-    name = "mtp-slurm-2x2"
-    started = time.monotonic()
-    job_id = submit(tmp_path, "train.max_steps=20", "train.ckpt_every=10", name=name)
-    info = wait_for(job_id, tmp_path, name)
-    print(f"job {job_id}: {info['JobState']} after {time.monotonic() - started:.0f} s")
-    out = logs(tmp_path, name, job_id)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-5000:]
+def check_finished_run(tmp_path: Path, steps: int, out: str) -> None:
+    """The checks every finished job gets: the run, its checkpoint and its one MLflow run."""
     assert "on node1 node2, rendezvous 127.0.0.1:" in out  # NodeAddr, not the node name
-
     run_dir = tmp_path / "run"
     got = records(run_dir)
-    assert [r["step"] for r in got] == list(range(1, 21))
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # none lost, none repeated
     losses = [r["loss"] for r in got]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
-    marker = json.loads((run_dir / "checkpoints/step_00000020/complete.json").read_text())
+    marker = json.loads((run_dir / f"checkpoints/step_{steps:08d}/complete.json").read_text())
     assert marker["dp_size"] == 4  # 2 nodes x 2 workers, all data parallel
 
     client, runs = mlflow_runs(tmp_path)
-    assert len(runs) == 1, "only rank 0 may log"
+    assert len(runs) == 1, "only rank 0 may log, and a requeued job continues its run"
     run = runs[0]
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in history] == list(range(1, 21))
+    assert sorted({m.step for m in history}) == list(range(1, steps + 1))
     assert history[-1].value == pytest.approx(losses[-1])
     assert run.data.metrics["train/tokens_per_s"] > 0
     assert not (run_dir / "mlflow.db").exists()  # MLFLOW_TRACKING_URI was honoured
 
 
+def test_two_nodes_two_processes_each(tmp_path):
+    name, steps = "mtp-slurm-2x2", 20
+    started = time.monotonic()
+    job_id = submit(tmp_path, f"train.max_steps={steps}", "train.ckpt_every=10", name=name)
+    info = wait_for(job_id, tmp_path, name)
+    print(f"job {job_id}: {info['JobState']} after {time.monotonic() - started:.0f} s")
+    out = logs(tmp_path, name, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), out[-5000:]
+    check_finished_run(tmp_path, steps, out)
+
+
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     name = "mtp-slurm-requeue"
     steps = 60  # ~10 s of training: the signal lands within the first checkpoints
+    started = time.monotonic()
     job_id = submit(tmp_path, f"train.max_steps={steps}", "train.ckpt_every=5", name=name)
     run_dir = tmp_path / "run"
     deadline = time.monotonic() + 300
@@ -169,17 +174,10 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
     assert stopped_at < steps, "the run finished before the signal: make it longer"
     # A requeued job waits AuthInfo=cred_expire (10 s on the local cluster, 120 s by default).
     info = wait_for(job_id, tmp_path, name)
+    print(f"job {job_id}: {info['JobState']} after {time.monotonic() - started:.0f} s")
     out = logs(tmp_path, name, job_id)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
     assert "requeueing job" in out and "start 2 on node1 node2" in out, out[-5000:]
     resumed = re.search(r"resumed from \S+ at step (\d+)", out)
     assert resumed and int(resumed.group(1)) == stopped_at, out[-5000:]
-
-    got = records(run_dir)
-    assert [r["step"] for r in got] == list(range(1, steps + 1))  # no step lost or repeated
-    assert all(math.isfinite(r["loss"]) for r in got)
-    assert (run_dir / f"checkpoints/step_{steps:08d}/complete.json").is_file()
-    client, runs = mlflow_runs(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
-    assert sorted({m.step for m in history}) == list(range(1, steps + 1))
+    check_finished_run(tmp_path, steps, out)
