@@ -81,9 +81,19 @@ def batches(dist_root) -> tuple[torch.Tensor, Path]:
     return data, path
 
 
+NAN_CHECK = ("dp2_zero1", "tp2_dp2")  # layouts that end with a non-finite-loss step
+
+
 def _layout_jobs(world: int, root: Path) -> list[dict]:
     return [
-        {"name": n, "parallel": par, "steps": STEPS, "save_at": SAVE_AT, "run_dir": str(root / n)}
+        {
+            "name": n,
+            "parallel": par,
+            "steps": STEPS,
+            "save_at": SAVE_AT,
+            "run_dir": str(root / n),
+            "nan_check": n in NAN_CHECK,
+        }  # fmt: skip
         for n, (w, par) in LAYOUTS.items()
         if w == world
     ]

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DP_CHANGE, LAYOUTS, SAVE_AT, STEPS, dp_size
+from conftest import DP_CHANGE, LAYOUTS, NAN_CHECK, SAVE_AT, STEPS, dp_size
 from reference import TRAIN, reference
 
 pytestmark = pytest.mark.distributed
@@ -106,3 +106,9 @@ def test_resume_with_a_different_data_parallel_size(name: str, world1) -> None:
         atol=LOSS_ATOL,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("name", NAN_CHECK)
+def test_non_finite_loss_skips_the_step_on_every_rank(name: str, request) -> None:
+    nan = _layout_result(name, request)["nan"]
+    assert nan == {"skipped": True, "why": "non-finite loss", "stepped": 0}
