@@ -34,8 +34,8 @@ RECIPE = REPO / "tests/slurm/tiny.yaml"
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
 
 
-def overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.source={CORPUS}", "tracking.enabled=false", *extra]
+def overrides(run_dir: Path, *extra: str, tracking: bool = False) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.source={CORPUS}", f"tracking.enabled={tracking}", *extra]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -45,7 +45,7 @@ def metrics(run_dir: Path) -> list[dict]:
 # -- 1. kill -9 of a rank, torchrun restart, exact resume ---------------------------------------
 
 
-def launch(run_dir: Path, *extra: str, restarts: int = 1) -> subprocess.Popen:
+def launch(run_dir: Path, *extra: str, restarts: int = 1, tracking=False) -> subprocess.Popen:
     env = {
         **os.environ,
         "NPROC_PER_NODE": "2",
@@ -54,7 +54,8 @@ def launch(run_dir: Path, *extra: str, restarts: int = 1) -> subprocess.Popen:
     }
     for var in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
-    cmd = ["bash", str(REPO / "launchers/torchrun.sh"), str(RECIPE), *overrides(run_dir, *extra)]
+    over = overrides(run_dir, *extra, tracking=tracking)
+    cmd = ["bash", str(REPO / "launchers/torchrun.sh"), str(RECIPE), *over]
     return subprocess.Popen(
         cmd,
         env=env,
@@ -118,13 +119,19 @@ STEPS = 24  # ~2 s of training at 2 processes: room to kill after step 5 and bef
 
 @pytest.mark.distributed
 def test_kill_one_rank_restarts_and_matches_uninterrupted_run(tmp_path):
-    """Rank 0 is the one killed: it also writes the metrics and publishes the checkpoints."""
+    """Rank 0 is the one killed: it also writes the metrics and publishes the checkpoints.
+
+    The uninterrupted reference run doubles as the launcher's first-attempt check: torchrun.sh
+    always passes --resume, which must start a fresh run_dir from step 0; and only rank 0 tracks.
+    """
     steps = f"train.max_steps={STEPS}"
     reference = tmp_path / "reference"
-    out = finish(launch(reference, steps, restarts=0))
+    out = finish(launch(reference, steps, restarts=0, tracking=True))
     assert "resumed from" not in out
     expected = metrics(reference)
     assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    assert all(r["tokens_per_s"] > 0 for r in expected)
+    check_one_mlflow_run(reference, STEPS)
 
     faulted = tmp_path / "faulted"
     proc = launch(faulted, steps)
@@ -145,6 +152,17 @@ def test_kill_one_rank_restarts_and_matches_uninterrupted_run(tmp_path):
     assert got[-1]["loss"] == pytest.approx(expected[-1]["loss"], abs=1e-6)
     assert got[-1]["head_losses"] == pytest.approx(expected[-1]["head_losses"], abs=1e-6)
     assert ckpt.latest_checkpoint(faulted).name == f"step_{STEPS:08d}"
+
+
+def check_one_mlflow_run(run_dir: Path, steps: int) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "only rank 0 may log"
+    assert runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "train/tokens_per_s")
+    assert [m.step for m in history] == list(range(1, steps + 1))  # log_every=1
 
 
 # -- 2. half-written checkpoints ----------------------------------------------------------------

@@ -3,8 +3,8 @@
 Fast tier: the scripts run with stand-ins for python and for the Slurm commands, and the tests
 check the exact torchrun command each node ends up with (rendezvous, is_host, restarts,
 --resume, overrides) and the SIGUSR1 -> checkpoint -> requeue path of the sbatch script.
-Distributed tier: real tiny runs through torchrun.sh, on one node (standalone) and as two
-"nodes" on this machine (c10d, both launchers started at the same instant).
+Distributed tier: a real tiny run through torchrun.sh as two "nodes" on this machine (c10d, both
+launchers started at the same instant). One-node runs, restarts and tracking: tests/test_faults.py.
 The real Slurm tier is tests/slurm/test_sbatch.py.
 """
 
@@ -253,26 +253,6 @@ def check_finished(run_dir: Path, steps: int = 12) -> list[dict]:
     marker = run_dir / f"checkpoints/step_{steps:08d}/complete.json"
     assert json.loads(marker.read_text())["dp_size"] == 2
     return records
-
-
-@pytest.mark.distributed
-def test_torchrun_one_node_first_attempt_with_resume(tmp_path):
-    """The launcher always passes --resume: on a fresh run_dir that must start from step 0."""
-    run_dir = tmp_path / "run"
-    env = clean_env(NPROC_PER_NODE="2", MAX_RESTARTS="0", PYTHON=sys.executable)
-    cmd = ["bash", str(TORCHRUN_SH), str(RECIPE), *tiny_overrides(run_dir)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "resumed from" not in run.stdout + run.stderr
-    check_finished(run_dir)
-    # Only rank 0 tracks: one MLflow run, with the aggregated throughput.
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1
-    assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["train/tokens_per_s"] > 0
 
 
 @pytest.mark.distributed
