@@ -49,33 +49,26 @@ def unembedding(model: MTPModel) -> Unembedding:
 
 
 class DraftHeads:
-    """Heads `first`..n-1 (0-based) of a model, fused; see the module docstring."""
+    """Heads `first`..first+count-1 (0-based) of a model, fused; see the module docstring.
+
+    Decoding small models on a CPU is dominated by per-operation overhead, so this path keeps
+    the operation count low: each RMSNorm's gain is folded into the matmul after it
+    ((x_hat * g) @ W == x_hat @ (g[:, None] * W)), q/k/v come from one bmm, and q and k get
+    their rotary embedding in one call."""
 
     def __init__(self, model: MTPModel, first: int, count: int) -> None:
         cfg = model.cfg
         self.count, self.eps = count, cfg.norm_eps
         self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.d_model // cfg.n_attn_heads
         w = [_weights(model, model.heads.head_param_names[i]) for i in range(first, first + count)]
-        stack = lambda key: torch.stack([x[key] for x in w])  # (K, out, in)
-        t = lambda key: stack(key).transpose(1, 2).contiguous()  # (K, in, out) for bmm
-        self.attn_norm = stack("attn_norm.weight")[:, None, :]  # (K, 1, d)
-        self.mlp_norm = stack("mlp_norm.weight")[:, None, :]
-        self.wq, self.wo, self.w_down = (
-            t("attn.wq.weight"),
-            t("attn.wo.weight"),
-            t("mlp.w_down.weight"),
-        )
-        self.wkv = torch.cat([t("attn.wk.weight"), t("attn.wv.weight")], dim=2)  # (K, d, 2d)
-        self.w_gate_up = torch.cat([t("mlp.w_gate.weight"), t("mlp.w_up.weight")], dim=2)
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # The model's RMSNorm, applied for all K heads: (K or 1, N, d) * (K, 1, d).
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
-
-    def _split_heads(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """(K, B*T, d) -> (B, K*H, T, hd): the K heads' attention heads side by side."""
-        K, H, hd = self.count, self.n_heads, self.head_dim
-        return x.view(K, B, T, H, hd).permute(1, 0, 3, 2, 4).reshape(B, K * H, T, hd)
+        stack = lambda key: torch.stack([x[key] for x in w])  # (K, out, in) or (K, d)
+        t = lambda key: stack(key).transpose(1, 2)  # (K, in, out) for bmm
+        qkv = [t(f"attn.{name}.weight") for name in ("wq", "wk", "wv")]
+        gate_up = [t("mlp.w_gate.weight"), t("mlp.w_up.weight")]
+        self.wqkv = torch.cat(qkv, dim=2) * stack("attn_norm.weight")[:, :, None]  # (K, d, 3d)
+        self.w_gate_up = torch.cat(gate_up, dim=2) * stack("mlp_norm.weight")[:, :, None]
+        self.wo = t("attn.wo.weight").contiguous()  # (K, d, d)
+        self.w_down = t("mlp.w_down.weight").contiguous()  # (K, ffn, d)
 
     def __call__(
         self,
@@ -88,24 +81,21 @@ class DraftHeads:
         """Trunk output h (B, S, d) of the S new cache positions; `last` (B,): per sequence the
         position (index into S) whose head outputs are wanted. Returns (B, K, d)."""
         B, S, d = h.shape
-        K = self.count
+        K, H, hd = self.count, self.n_heads, self.head_dim
         rows = torch.arange(B, device=h.device)
-        # Keys and values at all S positions, for the cache.
-        xn = self._norm(h.reshape(1, B * S, d), self.attn_norm)  # (K, B*S, d)
-        k, v = torch.bmm(xn, self.wkv).split(d, dim=2)  # (K, B*S, d) each
-        k = apply_rotary(self._split_heads(k, B, S), cos, sin)  # (B, K*H, S, hd)
-        k_all, v_all, _ = cache.update(k, self._split_heads(v, B, S))
-        # Query, attention and MLP at one position per sequence.
+        xn = F.rms_norm(h, (d,), eps=self.eps).reshape(1, B * S, d).expand(K, -1, -1)
+        qkv = torch.bmm(xn, self.wqkv).view(K, B, S, 3, H, hd)
+        # q and k of all K heads side by side: (B, 2*K*H, S, hd), one rotary call.
+        qk = qkv[:, :, :, :2].permute(1, 3, 0, 4, 2, 5).reshape(B, 2 * K * H, S, hd)
+        q, k = apply_rotary(qk, cos, sin).split(K * H, dim=1)
+        v = qkv[:, :, :, 2].permute(1, 0, 3, 2, 4).reshape(B, K * H, S, hd)
+        # Keys and values of all S positions go to the cache; the query only at `last`.
+        k_all, v_all, mask = cache.update(k, v)  # mask (B, 1, S, used)
+        q = q[rows, :, last][:, :, None]  # (B, K*H, 1, hd)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[rows, :, last, None])
         x = h[rows, last][None]  # (1, B, d)
-        q = torch.bmm(self._norm(x, self.attn_norm), self.wq)  # (K, B, d)
-        q = apply_rotary(
-            self._split_heads(q, B, 1), cos[rows, last][:, None], sin[rows, last][:, None]
-        )
-        slots = torch.arange(k_all.shape[2], device=h.device)
-        visible = slots[None, :] <= (cache.state.lengths + last)[:, None]  # (B, S_used)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=visible[:, None, None])
-        y = y.view(B, K, d).transpose(0, 1)  # (K, B, d)
-        x = x + torch.bmm(y, self.wo)
-        gate, up = torch.bmm(self._norm(x, self.mlp_norm), self.w_gate_up).chunk(2, dim=2)
+        x = x + torch.bmm(y.view(B, K, d).transpose(0, 1), self.wo)  # (K, B, d)
+        xm = F.rms_norm(x, (d,), eps=self.eps)
+        gate, up = torch.bmm(xm, self.w_gate_up).chunk(2, dim=2)
         x = x + torch.bmm(F.silu(gate) * up, self.w_down)  # (K, B, d)
         return x.transpose(0, 1)  # (B, K, d)
