@@ -179,7 +179,8 @@ class _Run:
         self.reasons: list[str] = ["length"] * n
         self.active = list(range(n))  # original prompt index of each batch row
         self.stats = DecodeStats(width=self.width, sequences=n)
-        capacity = max(len(p) for p in prompts) + max_new_tokens + self.width
+        # A row never holds more than max_len positions plus one block being verified.
+        capacity = min(max(len(p) for p in prompts) + max_new_tokens, self.max_len) + self.width
         zeros = torch.zeros(n, dtype=torch.long, device=self.device)
         self.cache = ModelCache(len(self.model.trunk), 1 + (drafts > 0), zeros, capacity)
         self.drafter = dec.drafter(drafts) if drafts else None
