@@ -54,6 +54,8 @@ start_munge() {
         runuser -u munge -- mungekey --create >/dev/null
     fi
     runuser -u munge -- munged
+    mkdir -p "$STATE_DIR"
+    touch "$STATE_DIR/munged.ours" # stop only the munged this script started
     munge -n | unmunge >/dev/null || die "munge does not round-trip a credential"
 }
 
@@ -118,9 +120,9 @@ wait_idle() {
 start() {
     [[ $(id -u) -eq 0 ]] || die "run as root (the daemons run as root here)"
     install_packages
+    mkdir -p "$STATE_DIR"
     start_munge
     write_conf
-    mkdir -p "$STATE_DIR"
     if pid_alive "$STATE_DIR/slurmctld.pid"; then
         scontrol reconfigure # pick up a rewritten slurm.conf
     else
@@ -155,7 +157,10 @@ stop() {
         stop_pidfile "$STATE_DIR/slurmd-$node.pid" "slurmd $node"
     done
     stop_pidfile "$STATE_DIR/slurmctld.pid" slurmctld
-    stop_pidfile "$MUNGE_PID" munged
+    if [[ -f $STATE_DIR/munged.ours ]]; then
+        stop_pidfile "$MUNGE_PID" munged
+        rm -f "$STATE_DIR/munged.ours"
+    fi
 }
 
 status() {
