@@ -127,6 +127,7 @@ class DeepSpeedTrainEngine:
             dist_init_required=False,
         )
         self.model = self.engine.module
+        self._stage0_norm: float | None = None
         self.before_step = None  # test probe: called with this engine before each optimizer step
 
     # -- names -----------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class DeepSpeedTrainEngine:
     def _all_finite(self, loss: torch.Tensor | None) -> bool:
         """Every rank's loss finite? (one MIN all-reduce; pipeline ranks without a loss vote 1)"""
         ok = torch.tensor([1.0 if loss is None or torch.isfinite(loss).all() else 0.0])
+        ok = ok.to(self.device)  # NCCL reduces device tensors only
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() == 1.0)
 
@@ -176,10 +178,22 @@ class DeepSpeedTrainEngine:
                     )
                 return self._skipped(outputs, tokens, "non-finite loss")
             self.engine.backward(out.loss)
-            if k == len(micro_batches) - 1 and self.before_step is not None:
-                self.before_step(self)
+            if k == len(micro_batches) - 1:
+                if self.before_step is not None:
+                    self.before_step(self)
+                self._stage0_norm = self._unclipped_norm()
             self.engine.step()
         return self._metrics(outputs, tokens, lr)
+
+    def _unclipped_norm(self) -> float | None:
+        """Without ZeRO DeepSpeed clips but does not keep the norm: compute it (model-parallel
+        aware, same counting rule as its clipping) for the metrics. ZeRO stages report theirs."""
+        if self.cfg.parallel.zero_stage > 0 or self.bf16:
+            return None
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=self.engine.mpu))
 
     def _pipeline_step(self, micro_batches, tokens: int, lr: float) -> StepMetrics:
         batches = [self._split(w) for w in micro_batches]
@@ -228,14 +242,16 @@ class DeepSpeedTrainEngine:
             last = dist.get_process_group_ranks(self.pipe_group)[-1]
             dist.broadcast_object_list(box, src=last, group=self.pipe_group)
             summary = box[0]
-        stats = torch.cat([summary.head_losses, summary.head_correct, summary.head_counts])
+        parts = (summary.head_losses, summary.head_correct, summary.head_counts)
+        stats = torch.cat([p.to(self.device, torch.float64) for p in parts])
         if reduce_dp and self.topo.data > 1:
             dist.all_reduce(stats, group=self.dp_group)
-            n = self.cfg.model.n_future
-            stats[:n] /= self.topo.data
+            stats[: self.cfg.model.n_future] /= self.topo.data
+        stats = stats.cpu()
         n = self.cfg.model.n_future
         losses, correct, counts = stats[:n], stats[n : 2 * n], stats[2 * n :].clamp(min=1)
         norm = self.engine.get_global_grad_norm() if lr else None
+        norm = self._stage0_norm if norm is None and lr else norm
         return StepMetrics(
             loss=float(losses.sum()),
             head_losses=losses.tolist(),

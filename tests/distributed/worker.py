@@ -143,7 +143,9 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
     if job.get("nan_check"):  # a non-finite loss: every rank skips, nothing is stepped
         before = engine.engine.global_steps
         with torch.no_grad():
-            dict(engine.engine.module.named_parameters())["embed.weight"].fill_(float("nan"))
+            for name, param in engine.engine.module.named_parameters():
+                if engine.full_param_name(name) == "embed.weight":
+                    param.fill_(float("nan"))
         m = engine.train_step([my_rows(batches[k], engine) for k in range(gas)])
         result["nan"] = {"skipped": m.skipped, "why": m.extra.get("why"),
                          "stepped": engine.engine.global_steps - before}  # fmt: skip
