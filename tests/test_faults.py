@@ -66,7 +66,7 @@ def launch(run_dir: Path, *extra: str, restarts: int = 1, tracking=False) -> sub
     )
 
 
-def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

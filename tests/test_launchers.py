@@ -275,6 +275,6 @@ def test_two_nodes_on_one_machine_c10d_started_together(tmp_path):
         subprocess.Popen(cmd, env={**env, "NODE_RANK": rank}, stdout=subprocess.PIPE, text=True)
         for rank in ("1", "0")
     ]
-    outs = [p.communicate(timeout=180)[0] for p in procs]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     check_finished(run_dir)
