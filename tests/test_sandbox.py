@@ -44,17 +44,17 @@ def _leftovers() -> set[str]:
 
 
 def _uid_processes(uids: list[int]) -> list[str]:
-    """Live processes (zombies are dead: only their exit status waits to be collected)."""
+    """Live processes whose real uid is one of `uids` (zombies are dead already)."""
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                if os.stat(f"/proc/{name}").st_uid in uids:
-                    stat = Path(f"/proc/{name}/stat").read_text()
-                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                        found.append(stat)
-            except FileNotFoundError:
-                pass
+                status = Path(f"/proc/{name}/status").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            uid = int(status.split("Uid:\t", 1)[1].split()[0])
+            if uid in uids and "State:\tZ" not in status:
+                found.append(status.splitlines()[0])
     return found
 
 
@@ -132,10 +132,17 @@ def test_planted_attacks_are_contained(sandbox, project, tmp_path):
 
 
 def test_escaping_the_process_group_is_still_killed(sandbox):
-    """A child that leaves the process group (setsid via libc) and sleeps: the check's end
-    must still kill it (the PID namespace dies with its first process; the uid sweep)."""
+    """Processes that leave the process group (setsid via libc), the first one also hidden
+    from a scan of /proc owners (non-dumpable), sleeping: the timeout must still kill them all
+    (the PID namespace dies with its first process; the sweep goes by real uid)."""
     program = LIBC + (
-        "import time\nif libc.fork() == 0:\n    libc.setsid()\n    time.sleep(60)\ntime.sleep(60)\n"
+        "import time\n"
+        "libc.setsid()\n"
+        "libc.prctl(4, 0)\n"  # PR_SET_DUMPABLE 0: /proc/<pid> becomes root's
+        "if libc.fork() == 0:\n"
+        "    libc.setsid()\n"
+        "    time.sleep(60)\n"
+        "time.sleep(60)\n"
     )
     result = sandbox.run(program)
     assert result.status == "timeout"

@@ -8,9 +8,9 @@ Each `Sandbox.run(program)`:
     dies the kernel kills every process in it), and a private mount namespace in which the
     runner covers every world-writable directory with the work directory, sets resource
     limits (memory, CPU, processes, file size, open files) and drops to the dedicated uid;
-  * waits up to the wall-clock timeout, then SIGKILLs the process group, and finally every
-    process still owned by the check's uid (code that called setsid() has left the group, but
-    not its uid).
+  * waits up to the wall-clock timeout, then SIGKILLs every process whose real uid is the
+    check's (code that called setsid() has left the process group, but not its uid), and the
+    process group.
 
 The uid is unused by the system and private to one concurrent check (a pool per Sandbox), so
 RLIMIT_NPROC (counted per uid) caps a fork bomb without touching other checks, and the code
@@ -172,8 +172,11 @@ class Sandbox:
             expired = threading.Event()
 
             def kill() -> None:
-                # The check's own processes first: `unshare` then reaps its child and exits.
-                # Killing `unshare` first would orphan that child as a zombie of init.
+                # The namespace's first process (unshare's child) first: the kernel then kills
+                # everything in the PID namespace, and `unshare` reaps it and exits. (Killing
+                # `unshare` first would orphan it as a zombie of the system's init.) Then, in
+                # case the namespaces are not in use, the uid and the process group.
+                _kill_children(proc.pid)
                 if uid is not None:
                     _kill_uid(uid)
                 _kill_group(proc.pid)
@@ -183,7 +186,10 @@ class Sandbox:
             proc.wait()
             timer.cancel()
             timed_out = expired.is_set()
-            kill()  # whatever outlived the first process (setsid, double fork)
+            # `unshare` returns only after its child, so the PID namespace is gone with all
+            # it held; without namespaces, stragglers may remain in the group.
+            if not self.prefix:
+                _kill_group(proc.pid)
             os.set_blocking(read_fd, False)
             try:
                 verdict = os.read(read_fd, 16)
@@ -221,24 +227,42 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _kill_children(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for child in children:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _kill_uid(uid: int, rounds: int = 50) -> None:
-    """SIGKILL every process owned by uid (a /proc/<pid> directory belongs to the process's
-    effective uid), until none is left; bounded, since a killed process cannot fork again."""
+    """SIGKILL every live process whose real uid is `uid`, until none is left; bounded, since a
+    killed process cannot fork again. Reads the Uid line of /proc/<pid>/status: the owner of
+    /proc/<pid> would do for most processes, but a process can make it root's by declaring
+    itself non-dumpable (prctl), and the real uid is the one it cannot change."""
+    wanted = f"Uid:\t{uid}\t"
     for _ in range(rounds):
         found = False
         for name in os.listdir("/proc"):
             if not name.isdigit():
                 continue
             try:
-                if os.stat(f"/proc/{name}").st_uid != uid:
-                    continue
-                with open(f"/proc/{name}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        continue  # already dead, waiting to be reaped
-                found = True
-                os.kill(int(name), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, IndexError):
+                with open(f"/proc/{name}/status") as f:
+                    status = f.read()
+            except (FileNotFoundError, ProcessLookupError):
                 continue
+            if wanted not in status or "State:\tZ" in status:  # zombies are already dead
+                continue
+            found = True
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if not found:
             return
         time.sleep(0.01)
