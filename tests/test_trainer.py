@@ -14,6 +14,7 @@ from mtp_dist.training import Trainer, TrainingAborted
 from mtp_dist.training import checkpoint as ckpt
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def tiny_cfg(run_dir: Path, corpus: Path, *overrides: str):
     return load_config(
-        "configs/tiny-cpu.yaml",
+        RECIPE,
         [
             f"run_dir={run_dir}",
             f"data.source={corpus}",
@@ -65,6 +66,8 @@ def test_resume_is_exact(tmp_path, corpus):
     split = tmp_path / "split"
     Trainer(tiny_cfg(split, corpus)).fit(stop_after=3)
     assert [s for s, _, _ in losses(split)] == [1, 2, 3]
+    with (split / "metrics.jsonl").open("a") as f:  # a killed attempt's step past the checkpoint
+        f.write(json.dumps({"step": 4, "loss": 0.0, "head_losses": [0.0, 0.0]}) + "\n")
     Trainer(tiny_cfg(split, corpus), resume=True).fit()
     assert losses(split) == losses(straight)  # bit-for-bit, loss for loss, head for head
     assert [s for s, _, _ in losses(straight)] == [1, 2, 3, 4, 5, 6]
@@ -156,9 +159,11 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, corpus):
     del other
 
 
-def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus):
+def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypatch):
     import mlflow
 
+    monkeypatch.chdir(tmp_path)  # artifacts must land in the run directory, not ./mlruns
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
     cfg = tiny_cfg(run, corpus, "tracking.enabled=true", "train.max_steps=3")
     Trainer(cfg).fit()
@@ -173,3 +178,4 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus):
     assert "val/loss_head2" in mlrun.data.metrics
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"loss_per_head.png", "config.yaml", "tokenizer"} <= artifacts
+    assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()

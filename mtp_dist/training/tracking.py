@@ -37,8 +37,15 @@ class MLflowTracker:
         import mlflow  # ~3 s import: only when tracking is on
 
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri(cfg))
-        mlflow.set_experiment(cfg.tracking.experiment)
+        uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(uri)
+        name = cfg.tracking.experiment
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+            # A database store puts artifacts under ./mlruns of the working directory (for a
+            # Slurm job, the submission directory) unless the experiment says otherwise.
+            artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()
+            mlflow.create_experiment(name, artifact_location=artifacts)
+        mlflow.set_experiment(name)
         id_file = Path(cfg.run_dir) / "mlflow_run_id"
         previous = id_file.read_text().strip() if id_file.is_file() else None
         try:

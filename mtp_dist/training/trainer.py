@@ -100,7 +100,15 @@ class Trainer:
             print(f"data-parallel size {len(positions)} -> {self.runtime.dp_size}: elastic resume")
         ckpt.set_rng_state(state["rng"])
         if self.runtime.is_main:
+            self._truncate_metrics(self.step)
             print(f"resumed from {path} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl lines past the resumed step (a crashed attempt's last steps)."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= step]
+            metrics.write_text("".join(line + "\n" for line in kept))
 
     def save_checkpoint(self) -> None:
         rt = self.runtime
