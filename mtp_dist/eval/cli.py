@@ -124,7 +124,9 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", action="store_true", help="greedy pass self-speculatively")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--out", help="JSON results file (default <run_dir>/eval/eval-<time>.json)")
-    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per check")
+    p.add_argument(
+        "--timeout", type=float, default=20.0, help="wall-clock seconds per check (default 20)"
+    )
     p.add_argument("--workers", type=int, default=2, help="checks run at the same time")
     p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
