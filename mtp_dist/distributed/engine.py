@@ -25,7 +25,7 @@ from ..training.engine import StepMetrics, lr_lambda, param_groups
 from . import checkpointing
 from .head_parallel import apply_head_parallel, gather_head_metrics
 from .pipeline import build_pipeline, full_name
-from .tensor_parallel import MegatronLayers, load_params, shard_from_full
+from .tensor_parallel import MegatronLayers, load_params, shard_from_full, unwrap_name
 from .topology import MegatronMPU, Topology, check_layout
 
 
@@ -79,7 +79,7 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
     head_layers = LocalLayers(cfg.model.init_std) if topo.head > 1 else None
     model = MTPModel(cfg.model, layers, head_layers)
     sharded = {
-        n: n.replace("__inner__", "__").replace(".inner.", ".")
+        n: unwrap_name(n)
         for n, p in model.named_parameters()
         if hasattr(p, "partition_dim")  # set by Megatron's tensor-parallel layers
     }
@@ -111,7 +111,6 @@ class DeepSpeedTrainEngine:
         self.bf16 = use_bf16(cfg, device)
         model, sharded = build_model(cfg, topo, rank)
         self.sharded_full = set(sharded.values())
-        self.full_model = model  # keeps MTPModel naming for checkpoints (pipeline: all layers)
         self.loss_fn = None
         if topo.pipeline > 1:
             net, self.loss_fn = build_pipeline(model, topo.deepspeed_topology(), cfg.train.seed)
@@ -135,7 +134,7 @@ class DeepSpeedTrainEngine:
         """Local parameter name -> MTPModel name (pipeline indices and `.inner.` removed)."""
         if self.topo.pipeline > 1:
             local = full_name(local, self.cfg.model.trunk_layers)
-        return local.replace("__inner__", "__").replace(".inner.", ".")
+        return unwrap_name(local)
 
     def is_sharded(self, local: str) -> bool:
         """Is this local parameter a tensor-parallel shard of a larger full parameter?"""

@@ -7,9 +7,9 @@ unembedding whose shard of the logits goes straight into `vocab_parallel_cross_e
 rank ever holds full logits. The model code is unchanged: it only sees modules that map tensors
 to tensors.
 
-`shard_from_full` / `gather_to_full` convert between a single-process `MTPModel` state dict and
-this rank's shards: equivalence tests and initialisation use the first (the parallel model starts
-from exactly the single-process weights), `mtp checkpoint consolidate` the second.
+`shard_from_full` cuts this rank's shards from a single-process `MTPModel` state dict (so every
+layout starts from exactly the single-process weights); its inverse, joining the shards along
+`split_dim`, is `checkpointing.merge_shards` (offline, for `mtp checkpoint consolidate`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def vocab_parallel_argmax(shard: torch.Tensor, group) -> torch.Tensor:
 
 
 # -- full <-> shard ---------------------------------------------------------------------------
-def _full_name(local_name: str) -> str:
+def unwrap_name(local_name: str) -> str:
+    """A name under MegatronLayers' wrappers -> the MTPModel name (`inner` removed)."""
     return local_name.replace("__inner__", "__").replace(".inner.", ".")
 
 
@@ -194,28 +195,11 @@ def shard_from_full(
     name); a head-parallel model keeps its head layers whole and passes the smaller set."""
     out = {}
     for name in local_names:
-        tensor = full[_full_name(name)]
-        dim = split_dim(_full_name(name))
+        tensor = full[unwrap_name(name)]
+        dim = split_dim(unwrap_name(name))
         if dim is not None and tp_size > 1 and (sharded is None or name in sharded):
             tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
         out[name] = tensor.clone()
-    return out
-
-
-def gather_to_full(
-    local: dict[str, torch.Tensor], group, sharded: set[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Single-process names and shapes from this rank's shards (a collective over `group`, the
-    tensor-parallel group; every rank gets the result)."""
-    world = dist.get_world_size(group) if group is not None else 1
-    out = {}
-    for name, tensor in local.items():
-        dim = split_dim(_full_name(name))
-        if dim is not None and world > 1 and (sharded is None or name in sharded):
-            parts = [torch.empty_like(tensor) for _ in range(world)]
-            dist.all_gather(parts, tensor.contiguous(), group=group)
-            tensor = torch.cat(parts, dim=dim)
-        out[_full_name(name)] = tensor
     return out
 
 
