@@ -47,7 +47,11 @@ def timed(dec: Decoder, prompts, speculative: bool, args, eos: int):
     stoppers = [Stopper(eos_id=eos) for _ in prompts]
     wall, cpu = time.perf_counter(), time.process_time()
     out = dec.run(
-        prompts, max_new_tokens=args.max_tokens, speculative=speculative, stoppers=stoppers
+        prompts,
+        max_new_tokens=args.max_tokens,
+        speculative=speculative,
+        n_draft=args.n_draft if speculative else None,
+        stoppers=stoppers,
     )
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
@@ -110,8 +114,6 @@ def main() -> None:
     files = sorted(Path(args.files).glob("test_*.py"))
     prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
     dec = Decoder(model, vocab_limit=tok.vocab_size)
-    if args.n_draft is not None:  # decode with fewer draft heads than the model has
-        dec.run(prompts[:1], max_new_tokens=1, speculative=True, n_draft=args.n_draft)
     compare(dec, [prompts[:2]], argparse.Namespace(**{**vars(args), "repeats": 1}), tok.eos_id)
 
     single = compare(dec, [[q] for q in prompts], args, tok.eos_id)
@@ -149,6 +151,7 @@ def main() -> None:
         },
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
+        "n_draft": cfg.n_future - 1 if args.n_draft is None else args.n_draft,
         "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
