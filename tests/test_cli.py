@@ -80,6 +80,7 @@ def test_train_then_generate_with_sentencepiece(tmp_path):
         "12",
         "--speculative",
     )
-    assert plain.stdout == fast.stdout and plain.stdout.strip()
+    assert plain.stdout == fast.stdout
     stats = json.loads(fast.stderr.strip().splitlines()[-1])
+    assert stats["tokens"] == 12 and stats["finish_reason"] == "length"
     assert stats["tokens_per_forward"] >= 1.0
