@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from pathlib import Path
 
@@ -179,3 +180,4 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypat
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"loss_per_head.png", "config.yaml", "tokenizer"} <= artifacts
     assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports it; must not leak to later runs

@@ -38,7 +38,14 @@ class MLflowTracker:
 
         self._mlflow = mlflow
         uri = tracking_uri(cfg)
+        outer = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI for subprocesses; undo that, so a
+        # later run in this process (or a process it starts) resolves its own URI.
+        if outer is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = outer
         name = cfg.tracking.experiment
         if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
             # A database store puts artifacts under ./mlruns of the working directory (for a
