@@ -30,8 +30,9 @@ def _ks(text: str) -> tuple[int, ...]:
 def _mlflow_log(uri: str, run_name: str, report: dict, out: Path) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("mtp_dist")
+    from ..training.tracking import use_mlflow
+
+    use_mlflow(uri, "mtp_dist", out.parent / "mlartifacts")
     with mlflow.start_run(run_name=run_name, tags={"kind": "eval"}):
         mlflow.log_params({k: str(v) for k, v in report["config"].items()})
         for bench, result in report["results"].items():

@@ -32,27 +32,31 @@ def tracking_uri(cfg: RunConfig) -> str:
     return f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
 
 
+def use_mlflow(uri: str, experiment: str, artifacts_dir: Path) -> None:
+    """Point MLflow at `uri` and `experiment`, creating it with its artifacts in `artifacts_dir`
+    for a database store (otherwise they land in ./mlruns of the working directory -- for a
+    Slurm job, the submission directory)."""
+    import mlflow
+
+    outer = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI for subprocesses; undo that, so a later
+    # run in this process (or a process it starts) resolves its own URI.
+    if outer is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = outer
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifacts_dir.resolve().as_uri())
+    mlflow.set_experiment(experiment)
+
+
 class MLflowTracker:
     def __init__(self, cfg: RunConfig) -> None:
         import mlflow  # ~3 s import: only when tracking is on
 
         self._mlflow = mlflow
-        uri = tracking_uri(cfg)
-        outer = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        # set_tracking_uri also exports MLFLOW_TRACKING_URI for subprocesses; undo that, so a
-        # later run in this process (or a process it starts) resolves its own URI.
-        if outer is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = outer
-        name = cfg.tracking.experiment
-        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-            # A database store puts artifacts under ./mlruns of the working directory (for a
-            # Slurm job, the submission directory) unless the experiment says otherwise.
-            artifacts = (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()
-            mlflow.create_experiment(name, artifact_location=artifacts)
-        mlflow.set_experiment(name)
+        use_mlflow(tracking_uri(cfg), cfg.tracking.experiment, Path(cfg.run_dir) / "mlartifacts")
         id_file = Path(cfg.run_dir) / "mlflow_run_id"
         previous = id_file.read_text().strip() if id_file.is_file() else None
         try:
