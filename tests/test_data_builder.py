@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import signal
 import sysconfig
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import deadline
 from webdataset import tariterators
 
 from data_pipeline import (
@@ -30,22 +29,6 @@ from mtp_dist.tokenizers import ByteTokenizer, train_sentencepiece
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ, NF = 32, 3
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail instead of hanging (a FIFO opened for reading blocks forever)."""
-
-    def expire(*_):
-        raise TimeoutError(f"did not finish within {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _make_corpus(root: Path, n: int = 40) -> dict[str, str]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import signal
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from conftest import deadline
 
 from data_pipeline import (
     Manifest,
@@ -24,22 +23,6 @@ from mtp_dist.tokenizers import ByteTokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ, NF, BS = 32, 2, 4
-
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Turn a hang into a test failure."""
-
-    def expire(*_):
-        raise TimeoutError(f"did not finish within {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

@@ -62,22 +62,15 @@ class _TensorOut(nn.Module):
         if getattr(self.inner, "tp_group", None) is not None:
             shared[id(self.inner.tp_group)] = self.inner.tp_group
         memo.update(shared)
-        clone = _TensorOut.__new__(_TensorOut)
+        clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__dict__ = copy.deepcopy(self.__dict__, memo)
         return clone
 
 
-class _VocabEmbedding(nn.Module):
-    """VocabParallelEmbedding behind a deepcopy that shares the process group."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.inner.weight
+class _VocabEmbedding(_TensorOut):
+    """VocabParallelEmbedding returns a tensor already; the wrapper keeps the same parameter
+    names and process-group-sharing deepcopy as the linear layers."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner(ids)
