@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import deadline
+from timeouts import deadline
 from webdataset import tariterators
 
 from data_pipeline import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from conftest import deadline
+from timeouts import deadline
 
 from data_pipeline import (
     Manifest,

@@ -8,7 +8,6 @@ worker.py); the session-scoped fixtures below run each job once and the tests re
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,41 +16,20 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from layouts import (  # noqa: E402
+    DP_CHANGE,
+    DP_CHANGE_REFUSED,
+    LAYOUTS,
+    MAX_DP,
+    NAN_CHECK,
+    SAVE_AT,
+    STEPS,
+    dp_size,
+    free_port,
+)  # fmt: skip
 from reference import DATA, MODEL, TRAIN, make_batches  # noqa: E402
 
 WORKER = Path(__file__).parent / "worker.py"
-STEPS, SAVE_AT = 5, 3  # train 5 steps; checkpoint after 3, resume and redo steps 4-5
-MAX_DP = 2
-
-# name -> (world size, parallel config). Every layout checkpoints at step SAVE_AT and resumes.
-LAYOUTS = {
-    "dp2_zero1": (2, {"zero_stage": 1}),
-    "dp2_zero2": (2, {"zero_stage": 2}),
-    "dp2_zero3": (2, {"zero_stage": 3}),
-    "tp2": (2, {"tensor": 2, "zero_stage": 0}),
-    "pp2": (2, {"pipeline": 2, "zero_stage": 1}),
-    "head2": (2, {"head": 2, "zero_stage": 1}),
-    "tp2_head2": (2, {"tensor": 2, "head": 2, "zero_stage": 1}),
-    "tp2_pp2": (4, {"tensor": 2, "pipeline": 2, "zero_stage": 1}),
-    "head4": (4, {"head": 4, "zero_stage": 1}),
-    "tp2_dp2": (4, {"tensor": 2, "zero_stage": 1}),
-}
-# Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
-DP_CHANGE = {"dp2_zero1_to_dp1": "dp2_zero1", "dp2_zero2_to_dp1": "dp2_zero2"}
-# ZeRO-3 cannot re-partition without DeepSpeed's universal checkpoint: a clear error instead.
-DP_CHANGE_REFUSED = {"dp2_zero3_to_dp1": "dp2_zero3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dp_size(name: str) -> int:
-    world, par = LAYOUTS[name]
-    model = max(par.get("tensor", 1), par.get("head", 1))
-    return world // (model * par.get("pipeline", 1))
 
 
 def run_job(world: int, jobs: list[dict], root: Path, batches: Path, timeout: int = 600) -> dict:
@@ -81,9 +59,6 @@ def batches(dist_root) -> tuple[torch.Tensor, Path]:
     path = dist_root / "batches.pt"
     torch.save(data, path)
     return data, path
-
-
-NAN_CHECK = ("dp2_zero1", "tp2_dp2")  # layouts that end with a non-finite-loss step
 
 
 def _layout_jobs(world: int, root: Path) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from layouts import free_port
 
 from mtp_dist.training.checkpoint import load_for_inference
 

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from conftest import DP_CHANGE, DP_CHANGE_REFUSED, LAYOUTS, NAN_CHECK, SAVE_AT, STEPS, dp_size
+from layouts import DP_CHANGE, DP_CHANGE_REFUSED, LAYOUTS, NAN_CHECK, SAVE_AT, STEPS, dp_size
 from reference import TRAIN, reference
 
 pytestmark = pytest.mark.distributed
@@ -40,7 +40,7 @@ def assert_params_close(got: torch.Tensor, want: torch.Tensor, name: str) -> Non
 
 @functools.cache
 def _reference(rows: int) -> dict:
-    from conftest import MAX_DP
+    from layouts import MAX_DP
     from reference import make_batches
 
     data = make_batches(STEPS * TRAIN["grad_accum_steps"], TRAIN["micro_batch_size"] * MAX_DP)

@@ -1,0 +1,43 @@
+"""The layouts the distributed tier runs, shared by conftest.py and the tests.
+
+A module of its own because `conftest` is not importable by name reliably: every test directory
+has one, and which of them `import conftest` finds depends on collection order.
+"""
+
+from __future__ import annotations
+
+import socket
+
+STEPS, SAVE_AT = 5, 3  # train 5 steps; checkpoint after 3, resume and redo steps 4-5
+MAX_DP = 2
+
+# name -> (world size, parallel config). Every layout checkpoints at step SAVE_AT and resumes.
+LAYOUTS = {
+    "dp2_zero1": (2, {"zero_stage": 1}),
+    "dp2_zero2": (2, {"zero_stage": 2}),
+    "dp2_zero3": (2, {"zero_stage": 3}),
+    "tp2": (2, {"tensor": 2, "zero_stage": 0}),
+    "pp2": (2, {"pipeline": 2, "zero_stage": 1}),
+    "head2": (2, {"head": 2, "zero_stage": 1}),
+    "tp2_head2": (2, {"tensor": 2, "head": 2, "zero_stage": 1}),
+    "tp2_pp2": (4, {"tensor": 2, "pipeline": 2, "zero_stage": 1}),
+    "head4": (4, {"head": 4, "zero_stage": 1}),
+    "tp2_dp2": (4, {"tensor": 2, "zero_stage": 1}),
+}
+# Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
+DP_CHANGE = {"dp2_zero1_to_dp1": "dp2_zero1", "dp2_zero2_to_dp1": "dp2_zero2"}
+# ZeRO-3 cannot re-partition without DeepSpeed's universal checkpoint: a clear error instead.
+DP_CHANGE_REFUSED = {"dp2_zero3_to_dp1": "dp2_zero3"}
+NAN_CHECK = ("dp2_zero1", "tp2_dp2")  # layouts that end with a non-finite-loss step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dp_size(name: str) -> int:
+    world, par = LAYOUTS[name]
+    model = max(par.get("tensor", 1), par.get("head", 1))
+    return world // (model * par.get("pipeline", 1))
