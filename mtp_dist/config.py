@@ -144,6 +144,10 @@ class ParallelConfig:
     """Pipeline-parallel stages (DeepSpeed pipeline engine)."""
     head: int = 1
     """Head-parallel size: output heads spread over this many ranks of the last stage."""
+    sequence_parallel: bool = False
+    """Megatron-style sequence parallelism with tensor parallelism: norms and the residual
+    stream hold 1/tensor of the sequence (needs tensor > 1, data.seq_len divisible by tensor,
+    tensor-parallel heads, i.e. head = 1)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0 = plain data parallel)."""
     backend: str = "auto"
@@ -207,6 +211,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("tensor", "pipeline", "head"):
         need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    if p.sequence_parallel:
+        sp = "parallel.sequence_parallel"
+        need(p.tensor > 1, sp, "needs parallel.tensor > 1")
+        need(p.head == 1, sp, "needs tensor-parallel heads (parallel.head=1)")
+        need(d.seq_len % p.tensor == 0, sp, f"needs data.seq_len divisible by tensor={p.tensor}")
     return cfg
 
 

@@ -49,6 +49,12 @@ def test_overrides_apply():
         (["model.d_model=250"], "model.d_model"),
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["train.lr"], "train.lr"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # tensor = 1
+        (
+            ["parallel.sequence_parallel=true", "parallel.tensor=2", "parallel.head=2"],
+            "parallel.sequence_parallel",
+        ),
+        (["parallel.sequence_parallel=true", "parallel.tensor=3"], "parallel.sequence_parallel"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -25,6 +25,7 @@ from ..training.engine import StepMetrics, lr_lambda, param_groups
 from . import checkpointing
 from .head_parallel import apply_head_parallel, gather_head_metrics
 from .pipeline import build_pipeline, full_name
+from .sequence_parallel import reduce_sequence_parallel_grads
 from .tensor_parallel import MegatronLayers, load_params, shard_from_full, unwrap_name
 from .topology import MegatronMPU, Topology, check_layout
 
@@ -62,6 +63,14 @@ def deepspeed_config(cfg: RunConfig, topo: Topology, bf16: bool) -> dict:
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # With tensor parallelism DeepSpeed's pipeline sends 1/tp of each activation and
+        # all-gathers it over the tensor group on arrival: right when the activation is the
+        # same on every tensor rank, wrong under sequence parallelism (each holds its own slice
+        # of the sequence, already 1/tp of the data), so those activations go whole.
+        "pipeline": {
+            "pipe_partitioned": not cfg.parallel.sequence_parallel,
+            "grad_partitioned": not cfg.parallel.sequence_parallel,
+        },
     }
 
 
@@ -75,7 +84,10 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
     full = {n: p.detach() for n, p in reference.named_parameters()}
     del reference
     dtype = param_dtype(cfg)
-    layers = MegatronLayers(cfg.model.init_std, dtype) if topo.tensor > 1 else None
+    sequence_parallel = cfg.parallel.sequence_parallel
+    layers = None
+    if topo.tensor > 1:
+        layers = MegatronLayers(cfg.model.init_std, dtype, sequence_parallel)
     head_layers = LocalLayers(cfg.model.init_std) if topo.head > 1 else None
     model = MTPModel(cfg.model, layers, head_layers)
     sharded = {
@@ -92,6 +104,10 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
     local = shard_from_full(full, names, topo.coord(rank).model, topo.tensor, set(sharded))
     model = model.to(dtype)
     load_params(model, local)
+    if sequence_parallel:
+        from megatron.core import parallel_state
+
+        reduce_sequence_parallel_grads(model, parallel_state.get_tensor_model_parallel_group())
     return model, sharded
 
 
@@ -113,7 +129,10 @@ class DeepSpeedTrainEngine:
         self.sharded_full = set(sharded.values())
         self.loss_fn = None
         if topo.pipeline > 1:
-            net, self.loss_fn = build_pipeline(model, topo.deepspeed_topology(), cfg.train.seed)
+            shards = topo.tensor if cfg.parallel.sequence_parallel else 1
+            net, self.loss_fn = build_pipeline(
+                model, topo.deepspeed_topology(), cfg.train.seed, sequence_shards=shards
+            )
             mpu = None  # DeepSpeed takes the pipeline grid (same layout, checked in tests)
         else:
             net, mpu = model, MegatronMPU()

@@ -30,18 +30,23 @@ class EmbedStage(nn.Module):
 
 
 class _Rotary(nn.Module):
-    def __init__(self, model: MTPModel) -> None:
+    """Rotary tables for the full sequence. `sequence_shards` > 1 under sequence parallelism,
+    where the activations between stages hold 1/sequence_shards of the sequence."""
+
+    def __init__(self, model: MTPModel, sequence_shards: int) -> None:
         super().__init__()
+        self.sequence_shards = sequence_shards
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, local_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        length = local_length * self.sequence_shards
         return self.rope_cos[:length], self.rope_sin[:length]
 
 
 class TrunkStage(_Rotary):
-    def __init__(self, block: nn.Module, model: MTPModel) -> None:
-        super().__init__(model)
+    def __init__(self, block: nn.Module, model: MTPModel, sequence_shards: int) -> None:
+        super().__init__(model, sequence_shards)
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +56,8 @@ class TrunkStage(_Rotary):
 class HeadStage(_Rotary):
     """Holds MultiTokenHeads on the last stage; its forward passes h on to the loss function."""
 
-    def __init__(self, model: MTPModel) -> None:
-        super().__init__(model)
+    def __init__(self, model: MTPModel, sequence_shards: int) -> None:
+        super().__init__(model, sequence_shards)
         self.heads = model.heads
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -73,10 +78,10 @@ class HeadLoss:
         return out.loss
 
 
-def pipeline_layers(model: MTPModel) -> tuple[list[nn.Module], HeadLoss]:
+def pipeline_layers(model: MTPModel, sequence_shards: int = 1) -> tuple[list[nn.Module], HeadLoss]:
     stages: list[nn.Module] = [EmbedStage(model.embed)]
-    stages += [TrunkStage(block, model) for block in model.trunk]
-    head = HeadStage(model)
+    stages += [TrunkStage(block, model, sequence_shards) for block in model.trunk]
+    head = HeadStage(model, sequence_shards)
     return stages + [head], HeadLoss(head)
 
 
@@ -91,11 +96,11 @@ def full_name(pipe_name: str, n_trunk: int) -> str:
     return rest  # 'heads....'
 
 
-def build_pipeline(model: MTPModel, topology, seed: int):
+def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 1):
     """(PipelineModule over `topology` (DeepSpeed ProcessTopology), its HeadLoss)."""
     from deepspeed.pipe import PipelineModule
 
-    layers, loss = pipeline_layers(model)
+    layers, loss = pipeline_layers(model, sequence_shards)
     module = PipelineModule(
         layers=layers,
         loss_fn=loss,

@@ -7,6 +7,12 @@ unembedding whose shard of the logits goes straight into `vocab_parallel_cross_e
 rank ever holds full logits. The model code is unchanged: it only sees modules that map tensors
 to tensors.
 
+Sequence parallelism (`parallel.sequence_parallel`, Korthikanti et al. 2022): between layers the
+residual stream and the norms hold only this rank's slice of the sequence (B, T / tp, d). The
+embedding and every row layer reduce-scatter along the sequence instead of all-reducing, and each
+norm all-gathers its output for the column layers after it: the same communication volume as
+plain tensor parallelism, with the norm/residual activations divided by tp.
+
 `shard_from_full` cuts this rank's shards from a single-process `MTPModel` state dict (so every
 layout starts from exactly the single-process weights); its inverse, joining the shards along
 `split_dim`, is `checkpointing.merge_shards` (offline, for `mtp checkpoint consolidate`).
@@ -20,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.layers import IGNORE_INDEX
+from ..model.layers import IGNORE_INDEX, RMSNorm
+from .sequence_parallel import GatheringNorm, reduce_scatter_sequence
 
 # Parameter name suffix -> dimension split over tensor-parallel ranks (None: replicated).
 _COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
@@ -40,6 +47,17 @@ def split_dim(name: str) -> int | None:
     return None
 
 
+def deepcopy_sharing(module: nn.Module, memo: dict, *shared) -> nn.Module:
+    """Deep copy that shares `shared` objects (process groups, Megatron configs) instead of
+    copying them: MultiTokenHeads deep-copies a head into a parameter-free meta template, and a
+    ProcessGroup cannot be copied."""
+    memo.update({id(obj): obj for obj in shared if obj is not None})
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__dict__ = copy.deepcopy(module.__dict__, memo)
+    return clone
+
+
 class _TensorOut(nn.Module):
     """Megatron's linear layers return (output, bias); the model wants a tensor."""
 
@@ -56,24 +74,42 @@ class _TensorOut(nn.Module):
         return out
 
     def __deepcopy__(self, memo):
-        # MultiTokenHeads deep-copies a head into a parameter-free meta template; the process
-        # group and config must be shared, not copied (a ProcessGroup cannot be copied).
-        shared = {id(self.inner.config): self.inner.config}
-        if getattr(self.inner, "tp_group", None) is not None:
-            shared[id(self.inner.tp_group)] = self.inner.tp_group
-        memo.update(shared)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
-        return clone
+        return deepcopy_sharing(
+            self, memo, self.inner.config, getattr(self.inner, "tp_group", None)
+        )
+
+
+class _SequenceScatteringRow(_TensorOut):
+    """Sequence parallelism: the row layer's partial products are reduce-scattered along the
+    sequence instead of all-reduced. The parameter is Megatron's RowParallelLinear's; its
+    forward is a plain matmul plus our collective (see sequence_parallel.py for why not
+    Megatron's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = torch.nn.functional.linear(x, self.inner.weight)
+        return reduce_scatter_sequence(partial, self.inner.tp_group)
 
 
 class _VocabEmbedding(_TensorOut):
     """VocabParallelEmbedding returns a tensor already; the wrapper keeps the same parameter
-    names and process-group-sharing deepcopy as the linear layers."""
+    names and process-group-sharing deepcopy as the linear layers. With `scatter_sequence`
+    the per-rank partial lookups are reduce-scattered along the sequence (Megatron's
+    `reduce_scatter_embeddings` path is CUDA-only in 0.16.1), so the trunk starts on
+    this rank's slice."""
+
+    def __init__(self, inner: nn.Module, scatter_sequence: bool = False) -> None:
+        super().__init__(inner)
+        self.scatter_sequence = scatter_sequence
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner(ids)
+        if not self.scatter_sequence:
+            return self.inner(ids)
+        emb = self.inner  # the same masked lookup as VocabParallelEmbedding.forward
+        outside = (ids < emb.vocab_start_index) | (ids >= emb.vocab_end_index)
+        local = torch.where(outside, torch.zeros_like(ids), ids - emb.vocab_start_index)
+        partial = torch.nn.functional.embedding(local, emb.weight)
+        partial = partial.masked_fill(outside[..., None], 0.0)
+        return reduce_scatter_sequence(partial, emb.tp_group)
 
 
 class MegatronLayers:
@@ -84,7 +120,12 @@ class MegatronLayers:
     builds on a CPU/gloo job and on a GPU/NCCL one (the engine moves the model afterwards).
     """
 
-    def __init__(self, init_std: float = 0.02, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        init_std: float = 0.02,
+        dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
+    ) -> None:
         from megatron.core import parallel_state
         from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -92,13 +133,17 @@ class MegatronLayers:
         self.group = parallel_state.get_tensor_model_parallel_group()
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.config = ModelParallelConfig(
+        self.sequence_parallel = sequence_parallel
+        common = dict(
             tensor_model_parallel_size=self.world,
             use_cpu_initialization=True,
             gradient_accumulation_fusion=False,
             params_dtype=dtype,
             perform_initialization=True,
         )
+        # Megatron's own sequence-parallel paths stay off (CUDA-only in 0.16.1); under
+        # `sequence_parallel` the wrappers below and the gathering norms do it instead.
+        self.config = ModelParallelConfig(**common)
 
     def _init(self, weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=self.init_std)
@@ -113,6 +158,8 @@ class MegatronLayers:
             init_method=self._init,
             bias=False,
             gather_output=False,
+            # the gathering norm's backward already sums the input gradient over the group
+            disable_grad_reduce=self.sequence_parallel,
         )
         return _TensorOut(layer)
 
@@ -128,13 +175,21 @@ class MegatronLayers:
             input_is_parallel=True,
             skip_bias_add=False,
         )
-        return _TensorOut(layer)
+        return (_SequenceScatteringRow if self.sequence_parallel else _TensorOut)(layer)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
-        layer = VocabParallelEmbedding(vocab_size, dim, init_method=self._init, config=self.config)
-        return _VocabEmbedding(layer)
+        layer = VocabParallelEmbedding(
+            vocab_size,
+            dim,
+            init_method=self._init,
+            config=self.config,
+        )
+        return _VocabEmbedding(layer, scatter_sequence=self.sequence_parallel)
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        return GatheringNorm(dim, eps, self.group) if self.sequence_parallel else RMSNorm(dim, eps)
 
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         # A column split over the vocabulary: each rank yields its (N, V / tp) logits shard.

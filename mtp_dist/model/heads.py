@@ -131,8 +131,9 @@ class MultiTokenHeads(nn.Module):
 
     def head_loss(self, i, h, labels, cos, sin, params=None):
         """(mean CE, #correct, #valid) of head i (0-based; predicts t + i + 1)."""
-        B, T, _ = h.shape
         logits = self.project(self.head_hidden(i, h, cos, sin, params=params), params)
+        # (B, T) from the logits: under sequence parallelism h holds a slice of the sequence.
+        B, T = logits.shape[:2]
         target = shift_labels(labels, i, T).reshape(-1)
         token_loss, correct = self._token_loss(logits.reshape(B * T, -1), target)
         count = (target != IGNORE_INDEX).sum()

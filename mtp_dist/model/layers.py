@@ -27,6 +27,10 @@ class LayerFactory(Protocol):
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module: ...
 
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        """RMSNorm over the last dimension (with sequence parallelism: also the point where the
+        sequence-sharded residual stream is gathered for the layers that follow)."""
+
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         """Projection to logits; may return a vocab shard of them."""
 
@@ -55,6 +59,9 @@ class LocalLayers:
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return self._init(nn.Embedding(vocab_size, dim))
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        return RMSNorm(dim, eps)
 
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         return self._init(nn.Linear(dim, vocab_size, bias=False))
@@ -150,9 +157,9 @@ class Block(nn.Module):
         self, d_model: int, n_heads: int, ffn_hidden: int, eps: float, layers: LayerFactory
     ) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn_norm = layers.norm(d_model, eps)
         self.attn = Attention(d_model, n_heads, layers)
-        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp_norm = layers.norm(d_model, eps)
         self.mlp = SwiGLU(d_model, ffn_hidden, layers)
 
     def forward(
@@ -167,7 +174,7 @@ class Unembedding(nn.Module):
 
     def __init__(self, d_model: int, vocab_size: int, eps: float, layers: LayerFactory) -> None:
         super().__init__()
-        self.norm = RMSNorm(d_model, eps)
+        self.norm = layers.norm(d_model, eps)
         self.proj = layers.unembedding(d_model, vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,10 @@ LAYOUTS = {
     "tp2_pp2": (4, {"tensor": 2, "pipeline": 2, "zero_stage": 1}),
     "head4": (4, {"head": 4, "zero_stage": 1}),
     "tp2_dp2": (4, {"tensor": 2, "zero_stage": 1}),
+    # sequence parallelism: alone, across pipeline stages, and with ZeRO-2 data parallelism
+    "tp2_sp": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
+    "tp2_pp2_sp": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True, "zero_stage": 1}),
+    "tp2_dp2_sp_zero2": (4, {"tensor": 2, "sequence_parallel": True, "zero_stage": 2}),
 }
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
 DP_CHANGE = {"dp2_zero1_to_dp1": "dp2_zero1", "dp2_zero2_to_dp1": "dp2_zero2"}
