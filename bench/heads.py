@@ -11,7 +11,8 @@ For each rank count R, two layouts with the SAME tensor-parallel trunk (tensor =
 Both run the production path (DistributedRuntime -> DeepSpeedTrainEngine, ZeRO 0, sequential
 head loss). Step time: median over the timed steps of the slowest rank. Peak memory: on GPU
 torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS over its RSS
-before the first step (what the step itself allocates), max over ranks.
+before the timed steps (what the steps themselves allocate; the peak is reset first), max over
+ranks. Each layout runs in its own processes.
 The last line printed is one JSON object with `ratio_head_parallel_vs_tp_step_time`
 (head / tp, mean over rank counts; per rank count under `by_ranks`).
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import sys
@@ -40,8 +40,19 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so the peak read
+    afterwards is the timed steps' own, not start-up's (model build, imports)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _config(args, layout: str, ranks: int, run_dir: str):
@@ -65,47 +76,69 @@ def _config(args, layout: str, ranks: int, run_dir: str):
     return load_config(None, over)
 
 
-def _run_rank(rank: int, world: int, args, port: int, out: str) -> None:
+def measure_rank(rank: int, world: int, args, port: int, out: str, cfg_of, layout: str) -> None:
+    """One spawned rank: build `layout`'s engine, warm up, time `args.steps` steps, record peak
+    memory. One layout per process, so layouts do not share an allocator's leftovers."""
     from mtp_dist.distributed import LaunchEnv
     from mtp_dist.distributed.runtime import DistributedRuntime
 
     torch.set_num_threads(args.threads)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in ("tp", "head"):
-            cfg = _config(args, layout, world, tmp)
-            runtime = DistributedRuntime(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", port))
-            engine = runtime.build_engine(cfg)
-            g = torch.Generator().manual_seed(0)
-            width = args.seq_len + args.n_future
-            batch = torch.randint(0, args.vocab, (args.batch, width), generator=g)
-            cuda = runtime.device.type == "cuda"
-            for _ in range(args.warmup):
-                engine.train_step([batch])
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            base, times = _rss_mb(), []
-            for _ in range(args.steps):
-                dist.barrier()
-                start = time.perf_counter()
-                engine.train_step([batch])
-                dist.barrier()
-                times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb() - base
-            stats = torch.tensor([peak, float(sum(p.numel() for p in engine.model.parameters()))])
-            all_stats = [torch.zeros_like(stats) for _ in range(world)]
-            dist.all_gather(all_stats, stats)
-            results[layout] = {
-                "step_time_s": statistics.median(times),
-                "step_times_s": times,
-                "peak_mem_mb_max_rank": max(float(s[0]) for s in all_stats),
-                "params_per_rank": [int(s[1]) for s in all_stats],
-                "memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss_growth",
-            }
-            del engine
+        cfg = cfg_of(args, layout, world, tmp)
+        runtime = DistributedRuntime(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", port))
+        engine = runtime.build_engine(cfg)
+        g = torch.Generator().manual_seed(0)
+        width = args.seq_len + args.n_future
+        batch = torch.randint(0, args.vocab, (args.batch, width), generator=g)
+        cuda = runtime.device.type == "cuda"
+        for _ in range(args.warmup):
+            engine.train_step([batch])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak_rss()
+        base, times = _rss_mb(), []
+        for _ in range(args.steps):
+            dist.barrier()
+            start = time.perf_counter()
+            engine.train_step([batch])
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb() - base
+        stats = torch.tensor([peak, float(sum(p.numel() for p in engine.model.parameters()))])
+        all_stats = [torch.zeros_like(stats) for _ in range(world)]
+        dist.all_gather(all_stats, stats)
+        results[layout] = {
+            "step_time_s": statistics.median(times),
+            "step_times_s": times,
+            "peak_mem_mb_max_rank": max(float(s[0]) for s in all_stats),
+            "params_per_rank": [int(s[1]) for s in all_stats],
+            "memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss_growth",
+        }
+        del engine
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _run_rank(rank: int, world: int, args, port: int, out: str, layout: str) -> None:
+    measure_rank(rank, world, args, port, out, _config, layout)
+
+
+def spawn_layout(run_rank, world: int, args, layout: str) -> dict:
+    """Run `layout` on `world` spawned ranks; rank 0's results.
+
+    The ranks start with glibc's mmap threshold fixed at 64 KiB: by default it rises after
+    large frees, large tensors then come from the heap and stay resident after they are
+    freed, and RSS stops following what the step allocates (seen: a layout holding half the
+    activations reported 10% MORE peak RSS growth)."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        torch.multiprocessing.spawn(
+            run_rank, args=(world, args, _free_port(), out.name, layout), nprocs=world
+        )
+        return json.loads(Path(out.name).read_text())[layout]
 
 
 def _free_port() -> int:
@@ -130,11 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     by_ranks = {}
     for world in args.ranks:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            torch.multiprocessing.spawn(
-                _run_rank, args=(world, args, _free_port(), out.name), nprocs=world
-            )
-            res = json.loads(Path(out.name).read_text())
+        res = {layout: spawn_layout(_run_rank, world, args, layout) for layout in ("tp", "head")}
         res["ratio_head_vs_tp_step_time"] = res["head"]["step_time_s"] / res["tp"]["step_time_s"]
         res["ratio_head_vs_tp_peak_mem"] = res["head"]["peak_mem_mb_max_rank"] / max(
             res["tp"]["peak_mem_mb_max_rank"], 1e-9

@@ -17,6 +17,8 @@ input's device, along dimension 1 of the model's batch-first tensors.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -74,8 +76,60 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group), None
 
 
+class Regather:
+    """A gathered activation kept for backward as this rank's slice only, and gathered again
+    when backward first needs it (Megatron-LM's column layers do the same under sequence
+    parallelism). Shared by every layer that saved the same gathered tensor (q, k and v; gate
+    and up): one re-gather, held until the last of them has used it."""
+
+    def __init__(self, shard: torch.Tensor, group) -> None:
+        self.shard, self.group = shard, group
+        self.pending = 0  # saves not yet unpacked
+        self._full: torch.Tensor | None = None
+
+    def packed(self) -> Regather:
+        self.pending += 1
+        return self
+
+    def unpack(self) -> torch.Tensor:
+        full = self._full if self._full is not None else _all_gather_seq(self.shard, self.group)
+        self.pending -= 1
+        self._full = full if self.pending > 0 else None
+        return full
+
+
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherSequence.apply(x, group)
+    """All-gather along the sequence; the result carries a `Regather` of x for the layers that
+    read it (see `saving_slices`)."""
+    full = _GatherSequence.apply(x, group)
+    full.sp_regather = Regather(x.detach(), group)
+    return full
+
+
+@contextlib.contextmanager
+def saving_slices(x: torch.Tensor):
+    """While a layer runs on the gathered tensor x: whatever it saves for backward that is x
+    (or a view of x) is saved as the slice and re-gathered in backward. Anything else it saves
+    (its weight; under autocast a cast copy of x) is saved as usual."""
+    regather: Regather | None = getattr(x, "sp_regather", None)
+    if regather is None:
+        yield
+        return
+    storage = x.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return regather.packed(), t.shape, t.stride(), t.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        source, shape, stride, offset = packed
+        return source.unpack().as_strided(shape, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:

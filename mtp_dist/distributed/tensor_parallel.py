@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.layers import IGNORE_INDEX, RMSNorm
-from .sequence_parallel import GatheringNorm, reduce_scatter_sequence
+from .sequence_parallel import GatheringNorm, reduce_scatter_sequence, saving_slices
 
 # Parameter name suffix -> dimension split over tensor-parallel ranks (None: replicated).
 _COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
@@ -77,6 +77,15 @@ class _TensorOut(nn.Module):
         return deepcopy_sharing(
             self, memo, self.inner.config, getattr(self.inner, "tp_group", None)
         )
+
+
+class _SequenceGatheredColumn(_TensorOut):
+    """Sequence parallelism: the column layer reads the sequence its norm gathered, and keeps
+    only this rank's slice of it for backward (`saving_slices`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with saving_slices(x):
+            return super().forward(x)
 
 
 class _SequenceScatteringRow(_TensorOut):
@@ -161,7 +170,7 @@ class MegatronLayers:
             # the gathering norm's backward already sums the input gradient over the group
             disable_grad_reduce=self.sequence_parallel,
         )
-        return _TensorOut(layer)
+        return (_SequenceGatheredColumn if self.sequence_parallel else _TensorOut)(layer)
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         from megatron.core.tensor_parallel import RowParallelLinear
