@@ -168,3 +168,23 @@ def test_pad_labels_are_masked():
         ignored = model(inputs, labels.masked_fill(labels == 7, IGNORE_INDEX))
     assert torch.equal(padded.head_counts, ignored.head_counts)
     torch.testing.assert_close(padded.head_losses, ignored.head_losses, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "n_future, parameter_matched", [(1, False), (2, False), (4, False), (4, True)]
+)
+def test_streamed_initial_parameters_are_the_constructed_model(n_future, parameter_matched):
+    """What a parallel rank slices its initial weights from, one parameter at a time, is
+    bit for bit what `torch.manual_seed(seed); MTPModel(cfg)` holds."""
+    from mtp_dist.model.init import initial_parameters
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=6, n_attn_heads=2, ffn_hidden=24,
+                      n_future=n_future, parameter_matched=parameter_matched)  # fmt: skip
+    torch.manual_seed(7)
+    built = dict(MTPModel(cfg).named_parameters())
+    streamed = list(initial_parameters(cfg, seed=7))
+    assert [name for name, _ in streamed] == list(built)
+    for name, value in streamed:
+        assert torch.equal(value, built[name].detach()), name
+    other = dict(initial_parameters(cfg, seed=8))
+    assert not torch.equal(other["embed.weight"], built["embed.weight"])

@@ -21,12 +21,13 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..model import LocalLayers, MTPModel, split_window
+from ..model.init import initial_parameters
 from ..training.engine import StepMetrics, lr_lambda, param_groups
 from . import checkpointing
 from .head_parallel import apply_head_parallel, gather_head_metrics
 from .pipeline import build_pipeline, full_name
 from .sequence_parallel import reduce_sequence_parallel_grads
-from .tensor_parallel import MegatronLayers, load_params, shard_from_full, unwrap_name
+from .tensor_parallel import MegatronLayers, load_initial_params, unwrap_name
 from .topology import MegatronMPU, Topology, check_layout
 
 
@@ -79,10 +80,6 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
 
     Returns (model, sharded): `sharded` maps local parameter names that are tensor-parallel
     shards to their full (MTPModel) names."""
-    torch.manual_seed(cfg.train.seed)
-    reference = MTPModel(cfg.model)  # the single-process initialisation, on every rank
-    full = {n: p.detach() for n, p in reference.named_parameters()}
-    del reference
     dtype = param_dtype(cfg)
     sequence_parallel = cfg.parallel.sequence_parallel
     layers = None
@@ -100,10 +97,9 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
 
         group = parallel_state.get_tensor_model_parallel_group()
         apply_head_parallel(model, group, topo.head_ids(rank, cfg.model.n_future))
-    names = [n for n, _ in model.named_parameters()]
-    local = shard_from_full(full, names, topo.coord(rank).model, topo.tensor, set(sharded))
     model = model.to(dtype)
-    load_params(model, local)
+    initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
+    load_initial_params(model, initial, topo.coord(rank).model, topo.tensor, set(sharded))
     if sequence_parallel:
         from megatron.core import parallel_state
 

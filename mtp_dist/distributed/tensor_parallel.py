@@ -13,14 +13,16 @@ embedding and every row layer reduce-scatter along the sequence instead of all-r
 norm all-gathers its output for the column layers after it: the same communication volume as
 plain tensor parallelism, with the norm/residual activations divided by tp.
 
-`shard_from_full` cuts this rank's shards from a single-process `MTPModel` state dict (so every
-layout starts from exactly the single-process weights); its inverse, joining the shards along
+`load_initial_params` cuts this rank's shards from the single-process initial weights, streamed
+one parameter at a time (so every layout starts from exactly the single-process weights without
+a full model on any rank); the inverse of the cut, joining the shards along
 `split_dim`, is `checkpointing.merge_shards` (offline, for `mtp checkpoint consolidate`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -148,6 +150,10 @@ class MegatronLayers:
             use_cpu_initialization=True,
             gradient_accumulation_fusion=False,
             params_dtype=dtype,
+            # load_initial_params overwrites every weight, but Megatron's CPU init also sets
+            # the tensor-parallel attributes (partition_dim, tensor_model_parallel) that
+            # clipping and sharding rely on; without it they are missing. Cost: one full
+            # weight at a time, built and sliced.
             perform_initialization=True,
         )
         # Megatron's own sequence-parallel paths stay off (CUDA-only in 0.16.1); under
@@ -239,34 +245,31 @@ def unwrap_name(local_name: str) -> str:
     return local_name.replace("__inner__", "__").replace(".inner.", ".")
 
 
-def shard_from_full(
-    full: dict[str, torch.Tensor],
-    local_names: list[str],
+@torch.no_grad()
+def load_initial_params(
+    model: nn.Module,
+    stream: Iterable[tuple[str, torch.Tensor]],
     tp_rank: int,
     tp_size: int,
-    sharded: set[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """This rank's state dict (keys `local_names`) cut from a single-process state dict.
-
-    `sharded` names the local parameters that are tensor-parallel (default: all splittable by
-    name); a head-parallel model keeps its head layers whole and passes the smaller set."""
-    out = {}
-    for name in local_names:
-        tensor = full[unwrap_name(name)]
-        dim = split_dim(unwrap_name(name))
-        if dim is not None and tp_size > 1 and (sharded is None or name in sharded):
+    sharded: set[str],
+) -> None:
+    """Copy this rank's part of each (MTPModel name, full tensor) of `stream` into `model`
+    (local names: Megatron wrappers' `inner` removed), one parameter at a time (the stream
+    builds one layer at a time), so no rank ever holds the full model. `sharded` names the
+    local parameters that are tensor-parallel shards (a head-parallel model keeps its head
+    layers whole); parameters this rank does not hold (other stages', other ranks' heads) are
+    skipped. Every local parameter must be covered."""
+    own = {unwrap_name(n): (n, p) for n, p in model.named_parameters()}
+    filled = set()
+    for full_name, tensor in stream:
+        if full_name not in own:
+            continue
+        local_name, param = own[full_name]
+        dim = split_dim(full_name)
+        if dim is not None and tp_size > 1 and local_name in sharded:
             tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
-        out[name] = tensor.clone()
-    return out
-
-
-@torch.no_grad()
-def load_params(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by name (Megatron layers add `_extra_state`
-    entries to state dicts, so parameters, not state dicts, are the exchange format)."""
-    own = dict(model.named_parameters())
-    missing = sorted(set(own) - set(params))
+        param.copy_(tensor)
+        filled.add(full_name)
+    missing = sorted(set(own) - filled)
     if missing:
-        raise KeyError(f"no value for parameters {missing[:3]}...")
-    for name, tensor in params.items():
-        own[name].copy_(tensor)
+        raise KeyError(f"no initial value for parameters {missing[:3]}...")

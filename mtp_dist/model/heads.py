@@ -55,7 +55,8 @@ def shift_labels(labels: torch.Tensor, offset: int, length: int) -> torch.Tensor
     return out
 
 
-def _flat(prefix: str, path: str) -> str:
+def flat_name(prefix: str, path: str) -> str:
+    """A head-module parameter path -> its flat name in MultiTokenHeads."""
     return f"{prefix}__{path.replace('.', '__')}"
 
 
@@ -95,7 +96,7 @@ class MultiTokenHeads(nn.Module):
     def _adopt(self, prefix: str, module: nn.Module) -> list[tuple[str, str]]:
         names = []
         for path, param in module.named_parameters():
-            flat = _flat(prefix, path)
+            flat = flat_name(prefix, path)
             self.register_parameter(flat, param)
             names.append((path, flat))
         return names
