@@ -8,12 +8,13 @@ Inside one checkpoint directory (the Trainer's staging dir, renamed into place w
     layout.json                  the topology and ZeRO stage that wrote it
 
 Resume loads DeepSpeed's state: exact (optimizer moments, step, schedule). A different
-data-parallel size works for ZeRO 0 (replicated state) and ZeRO 1/2 (`elastic_checkpoint`:
-DeepSpeed merges and re-partitions the optimizer state); ZeRO-3 partitions cannot be re-split by
-DeepSpeed 0.19.8 without its universal-checkpoint conversion, so that case fails with a clear
-message. `consolidate` merges the model shards (tensor-parallel splits concatenated, heads and
-stages collected) into the single-process `model.pt` that `mtp generate` loads; it needs no
-process group.
+data-parallel size works for ZeRO 0 (replicated state), ZeRO 1/2 (DeepSpeed loads module,
+scheduler and step; we re-partition the moments from the layout-free shards) and ZeRO-3
+(DeepSpeed 0.19.8 cannot re-split its own ZeRO-3 partitions without its universal-checkpoint
+conversion, so weights and moments come from the layout-free shards, and schedule and step from
+DeepSpeed's data-parallel-rank-0 state file). `consolidate` merges the model shards
+(tensor-parallel splits concatenated, heads and stages collected) into the single-process
+`model.pt` that `mtp generate` loads; it needs no process group.
 """
 
 from __future__ import annotations
@@ -116,10 +117,8 @@ def load(engine, directory: Path) -> None:
             "consolidate` and start a new run from the weights otherwise)"
         )
     if saved["data"] != now["data"] and now["zero_stage"] == 3:
-        raise CheckpointError(
-            f"{directory}: resuming ZeRO-3 with data-parallel size {now['data']} (saved with "
-            f"{saved['data']}) needs DeepSpeed's universal checkpoint conversion, not supported"
-        )
+        _resume_zero3_repartitioned(engine, directory)
+        return
     repartition = saved["data"] != now["data"] and now["zero_stage"] in (1, 2)
     # ZeRO 1/2 partitions of the optimizer state are per data-parallel rank; under a new dp
     # size DeepSpeed loads module, scheduler and step, and we re-partition the moments from
@@ -137,30 +136,37 @@ def load(engine, directory: Path) -> None:
         _restore_moments(engine, directory)
 
 
-def _restore_moments(engine, directory: Path) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
+def _own_shard(engine, directory: Path) -> dict:
     coord = engine.topo.coord(engine.rank)
-    shard = torch.load(
+    return torch.load(
         directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt",
         map_location="cpu",
         weights_only=False,
     )
-    zero = engine.engine.optimizer
-    steps = float(engine.engine.global_steps)
-    # LambdaLR.load_state_dict restores the schedule position but not the groups' lr, which
-    # the optimizer state (not loaded here) would have carried.
-    scheduler = engine.engine.lr_scheduler
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    for flat in zero.single_partition_of_fp32_groups:  # torch AdamW's lazily created state
+
+
+def _empty_adam_state(zero, flats: list[torch.Tensor], steps: int) -> None:
+    """torch AdamW creates its state at the first step; a resume that did not load DeepSpeed's
+    optimizer state creates it (at the restored step) so the moments can be written into it."""
+    for flat in flats:
         zero.optimizer.state[flat] = {
-            "step": torch.tensor(steps),
+            "step": torch.tensor(float(steps)),
             "exp_avg": torch.zeros_like(flat),
             "exp_avg_sq": torch.zeros_like(flat),
         }
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+
+
+def _set_lr_from_scheduler(engine) -> None:
+    """LambdaLR.load_state_dict restores the schedule position but not the groups' lr, which the
+    optimizer state (not loaded) would have carried."""
+    scheduler = engine.engine.lr_scheduler
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def _set_master_weights_and_moments(engine, shard: dict) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
     for name, param in engine.engine.module.named_parameters():
         full = engine.full_param_name(name)
         device = param.device
@@ -168,6 +174,47 @@ def _restore_moments(engine, directory: Path) -> None:
         if shard["moments"] is not None:
             for key in MOMENTS:
                 safe_set_full_optimizer_state(param, shard["moments"][key][full].to(device), key)
+
+
+def _restore_moments(engine, directory: Path) -> None:
+    """ZeRO 1/2 under a new data-parallel size, after DeepSpeed loaded module and schedule."""
+    zero = engine.engine.optimizer
+    _set_lr_from_scheduler(engine)
+    _empty_adam_state(zero, zero.single_partition_of_fp32_groups, engine.engine.global_steps)
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+    _set_master_weights_and_moments(engine, _own_shard(engine, directory))
+
+
+def _resume_zero3_repartitioned(engine, directory: Path) -> None:
+    """ZeRO-3 under a new data-parallel size, without DeepSpeed's load_checkpoint (it would look
+    for this rank's own ZeRO-3 partition file, which a larger data-parallel size lacks and a
+    smaller one would misread). Schedule and step: from data-parallel rank 0's state file, the
+    same on every rank. Module weights: set whole inside GatheredParameters (re-partitioned on
+    exit). fp32 master weights and AdamW moments: through DeepSpeed's fragment API."""
+    import deepspeed
+
+    coord = engine.topo.coord(engine.rank)
+    state_file = (
+        directory / "deepspeed" / TAG / f"zero_pp_rank_0_mp_rank_{coord.model:02d}_model_states.pt"
+    )
+    if not state_file.is_file():
+        raise CheckpointError(f"{directory}: no DeepSpeed state file {state_file.name}")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    ds = engine.engine
+    ds.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    ds.global_steps = state["global_steps"]
+    ds.global_samples = state.get("global_samples", ds.global_steps * ds.train_batch_size())
+    ds.skipped_steps = state["skipped_steps"]
+    _set_lr_from_scheduler(engine)
+    shard = _own_shard(engine, directory)
+    params = list(ds.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        with torch.no_grad():
+            for name, param in params:  # every rank writes; data-parallel rank 0's is broadcast
+                param.data.copy_(shard["params"][engine.full_param_name(name)].to(param.dtype))
+    _empty_adam_state(ds.optimizer, ds.optimizer.fp32_partitioned_groups_flat, ds.global_steps)
+    _set_master_weights_and_moments(engine, shard)
 
 
 def merge_shards(directory: Path) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from layouts import (  # noqa: E402
     DP_CHANGE,
-    DP_CHANGE_REFUSED,
     LAYOUTS,
     MAX_DP,
     NAN_CHECK,
@@ -89,7 +88,7 @@ def world4(dist_root, batches) -> dict:
 @pytest.fixture(scope="session")
 def world1(dist_root, batches, world2) -> dict:
     jobs = []
-    for name, source in {**DP_CHANGE, **DP_CHANGE_REFUSED}.items():  # the refused one last
+    for name, source in DP_CHANGE.items():
         par = LAYOUTS[source][1]
         jobs.append({
             "name": name, "parallel": par, "steps": STEPS, "save_at": SAVE_AT,

@@ -29,9 +29,11 @@ LAYOUTS = {
     "tp2_dp2_sp_zero2": (4, {"tensor": 2, "sequence_parallel": True, "zero_stage": 2}),
 }
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
-DP_CHANGE = {"dp2_zero1_to_dp1": "dp2_zero1", "dp2_zero2_to_dp1": "dp2_zero2"}
-# ZeRO-3 cannot re-partition without DeepSpeed's universal checkpoint: a clear error instead.
-DP_CHANGE_REFUSED = {"dp2_zero3_to_dp1": "dp2_zero3"}
+DP_CHANGE = {
+    "dp2_zero1_to_dp1": "dp2_zero1",
+    "dp2_zero2_to_dp1": "dp2_zero2",
+    "dp2_zero3_to_dp1": "dp2_zero3",
+}
 NAN_CHECK = ("dp2_zero1", "tp2_dp2")  # layouts that end with a non-finite-loss step
 
 
