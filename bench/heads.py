@@ -55,10 +55,9 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _config(args, layout: str, ranks: int, run_dir: str):
-    from mtp_dist.config import load_config
-
-    over = [
+def run_overrides(args, run_dir: str) -> list[str]:
+    """The model/data/train overrides of a rank benchmark (shared with sequence_parallel.py)."""
+    return [
         f"run_dir={run_dir}",
         f"model.vocab_size={args.vocab}",
         f"model.d_model={args.d_model}",
@@ -69,11 +68,28 @@ def _config(args, layout: str, ranks: int, run_dir: str):
         f"data.seq_len={args.seq_len}",
         f"train.micro_batch_size={args.batch}",
         "train.precision=fp32",
+    ]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The options `run_overrides` and `measure_rank` read; `defaults` per benchmark."""
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    for name in ("n_future", "trunk_layers", "d_model", "attn_heads", "vocab", "seq_len", "batch"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=defaults.get("steps", 5))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+
+
+def _config(args, layout: str, ranks: int, run_dir: str):
+    from mtp_dist.config import load_config
+
+    parallel = [
         f"parallel.tensor={ranks}",
         f"parallel.head={ranks if layout == 'head' else 1}",
         "parallel.zero_stage=0",
     ]
-    return load_config(None, over)
+    return load_config(None, run_overrides(args, run_dir) + parallel)
 
 
 def measure_rank(rank: int, world: int, args, port: int, out: str, cfg_of, layout: str) -> None:
@@ -149,17 +165,8 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--n-future", type=int, default=4)
-    parser.add_argument("--trunk-layers", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--attn-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    add_run_arguments(parser, n_future=4, trunk_layers=2, d_model=256, attn_heads=8, vocab=8192,
+                      seq_len=256, batch=4)  # fmt: skip
     args = parser.parse_args(argv)
     by_ranks = {}
     for world in args.ranks:

@@ -24,30 +24,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heads import measure_rank, spawn_layout  # noqa: E402  (bench/heads.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/heads.py: shared rank harness
+from heads import add_run_arguments, measure_rank, run_overrides, spawn_layout  # noqa: E402
 
 
 def _config(args, layout: str, ranks: int, run_dir: str):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mtp_dist.config import load_config
 
-    over = [
-        f"run_dir={run_dir}",
-        f"model.vocab_size={args.vocab}",
-        f"model.d_model={args.d_model}",
-        f"model.n_attn_heads={args.attn_heads}",
-        f"model.n_future={args.n_future}",
-        f"model.n_layers={args.n_future + args.trunk_layers}",
-        f"model.max_seq_len={args.seq_len}",
-        f"data.seq_len={args.seq_len}",
-        f"train.micro_batch_size={args.batch}",
-        "train.precision=fp32",
+    parallel = [
         f"parallel.tensor={ranks}",
         f"parallel.sequence_parallel={layout == 'sp'}",
         "parallel.zero_stage=0",
     ]
-    return load_config(None, over)
+    return load_config(None, run_overrides(args, run_dir) + parallel)
 
 
 def _run_rank(rank: int, world: int, args, port: int, out: str, layout: str) -> None:
@@ -56,17 +45,8 @@ def _run_rank(rank: int, world: int, args, port: int, out: str, layout: str) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--n-future", type=int, default=1)
-    parser.add_argument("--trunk-layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--attn-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    add_run_arguments(parser, n_future=1, trunk_layers=4, d_model=256, attn_heads=8, vocab=1024,
+                      seq_len=2048, batch=2, steps=3)  # fmt: skip
     args = parser.parse_args(argv)
     by_ranks = {}
     for world in args.ranks:
