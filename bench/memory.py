@@ -9,6 +9,10 @@ the peak minus the resident set before the step: the memory the step itself need
 logits and their gradients, parameter gradients), which is what the loss implementation controls.
 `total_mb` is the whole process's peak (Python + torch + weights + optimizer state + step).
 Prints a table, then one JSON object (last line) with the peaks and the two ratios (of step_mb).
+
+`--device cuda`: the same step on the GPU, measured with torch.cuda.memory_allocated before the
+step and torch.cuda.max_memory_allocated after it (the allocator's own count, not RSS);
+`total_mb` is then the peak of allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -52,19 +56,30 @@ def measure(args: argparse.Namespace) -> dict:
         max_seq_len=args.seq,
         loss_impl=impl,
     )
-    model = MTPModel(cfg)
+    device = torch.device(args.device)
+    model = MTPModel(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # allocate Adam's moments before the measured step
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    window = torch.randint(0, args.vocab, (args.batch, args.seq + n_future))
+    window = torch.randint(0, args.vocab, (args.batch, args.seq + n_future), device=device)
     inputs, labels = split_window(window, args.seq)
-    before = rss_mb()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = rss_mb()
     out = model(inputs, labels)
     out.loss.backward()
     opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
         "total_mb": round(peak, 1),
         "step_mb": round(peak - before, 1),
@@ -79,6 +94,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--layers", type=int, default=5, help="layers of the n=1 model")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,6 +112,7 @@ def main() -> None:
     summary = {
         "config": {k: v for k, v in vars(args).items() if k != "child"},
         "peaks": results,
+        "memory_kind": "cuda_max_allocated" if args.device == "cuda" else "cpu_peak_rss",
         "ratio_sequential_vs_n1": round(results["n4_sequential"]["step_mb"] / n1["step_mb"], 3),
         "ratio_naive_vs_n1": round(results["n4_naive"]["step_mb"] / n1["step_mb"], 3),
         "ratio_total_sequential_vs_n1": round(

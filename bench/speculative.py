@@ -106,11 +106,12 @@ def main() -> None:
     p.add_argument("--n-draft", type=int, default=None, help="draft heads (default all)")
     p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
-    model, tok = load_for_inference(ckpt)
+    model, tok = load_for_inference(ckpt, device=args.device)
     files = sorted(Path(args.files).glob("test_*.py"))
     prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
     dec = Decoder(model, vocab_limit=tok.vocab_size)
@@ -153,6 +154,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "n_draft": cfg.n_future - 1 if args.n_draft is None else args.n_draft,
         "threads": args.threads,
+        "device": args.device,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }

@@ -8,6 +8,10 @@ per token count every matmul of forward + backward (3x forward): trunk and head 
 (projections and attention scores) and one unembedding per head. The implementation adds nothing
 beyond the arithmetic when ratio_step_time_n4_vs_n1 <= 1.05 * ratio_flops_n4_vs_n1.
 Prints a table, then one JSON object (last line).
+
+`--device cuda` runs the same on the GPU (synchronised timing); `--bf16` adds bf16 autocast there,
+as the trainer does on GPU. A larger model (e.g. `--d-model 1024 --layers 12 --vocab 32000
+--seq 2048`) is what a GPU needs to be busy.
 """
 
 from __future__ import annotations
@@ -44,8 +48,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     models, opts, cfgs = {}, {}, {}
     for n in (1, 4):
@@ -59,19 +70,24 @@ def main() -> None:
             max_seq_len=args.seq,
             loss_impl="sequential",
         )
-        models[n] = MTPModel(cfgs[n])
+        models[n] = MTPModel(cfgs[n]).to(device)
         opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(0, args.vocab, (args.batch, args.seq + 4), generator=g) for _ in range(4)
+        torch.randint(0, args.vocab, (args.batch, args.seq + 4), generator=g).to(device)
+        for _ in range(4)
     ]
 
     def step(n: int, k: int) -> float:
         inputs, labels = split_window(batches[k % len(batches)], args.seq)
+        sync()
         start = time.perf_counter()
         opts[n].zero_grad(set_to_none=True)
-        models[n](inputs, labels).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = models[n](inputs, labels).loss
+        loss.backward()
         opts[n].step()
+        sync()
         return time.perf_counter() - start
 
     times: dict[int, list[float]] = {1: [], 4: []}
