@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from layouts import (  # noqa: E402
     DP_CHANGE,
+    DP_GROW,
     LAYOUTS,
     MAX_DP,
     NAN_CHECK,
@@ -31,13 +32,15 @@ from reference import DATA, MODEL, TRAIN, make_batches  # noqa: E402
 WORKER = Path(__file__).parent / "worker.py"
 
 
-def run_job(world: int, jobs: list[dict], root: Path, batches: Path, timeout: int = 600) -> dict:
-    out = root / f"results_world{world}.pt"
+def run_job(
+    world: int, jobs: list[dict], root: Path, batches: Path, timeout: int = 600, tag: str = ""
+) -> dict:
+    out = root / f"results_world{world}{tag}.pt"
     spec = {
         "world": world, "port": free_port(), "out": str(out), "jobs": jobs, "model": MODEL,
         "data": DATA, "train": TRAIN, "batches": str(batches), "tmp": str(root),
     }  # fmt: skip
-    spec_file = root / f"spec_world{world}.json"
+    spec_file = root / f"spec_world{world}{tag}.json"
     spec_file.write_text(json.dumps(spec))
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(spec_file)], capture_output=True, text=True,
@@ -95,4 +98,21 @@ def world1(dist_root, batches, world2) -> dict:
             "run_dir": str(dist_root / name), "resume_from": str(dist_root / source / "ckpt"),
             "train": {"micro_batch_size": TRAIN["micro_batch_size"] * dp_size(source)},
         })  # fmt: skip
+    for stage in sorted(set(DP_GROW.values())):  # the checkpoints world2_grow resumes
+        jobs.append({
+            "name": f"dp1_zero{stage}", "parallel": {"zero_stage": stage}, "steps": STEPS,
+            "save_at": SAVE_AT, "run_dir": str(dist_root / f"dp1_zero{stage}"),
+            "train": {"micro_batch_size": TRAIN["micro_batch_size"] * MAX_DP},
+        })  # fmt: skip
     return run_job(1, jobs, dist_root, batches[1])
+
+
+@pytest.fixture(scope="session")
+def world2_grow(dist_root, batches, world1) -> dict:
+    jobs = [
+        {"name": name, "parallel": {"zero_stage": stage}, "steps": STEPS, "save_at": SAVE_AT,
+         "run_dir": str(dist_root / name),
+         "resume_from": str(dist_root / f"dp1_zero{stage}" / "ckpt")}
+        for name, stage in DP_GROW.items()
+    ]  # fmt: skip
+    return run_job(2, jobs, dist_root, batches[1], tag="_grow")

@@ -34,6 +34,8 @@ DP_CHANGE = {
     "dp2_zero2_to_dp1": "dp2_zero2",
     "dp2_zero3_to_dp1": "dp2_zero3",
 }
+# Resume a dp=1 checkpoint (micro-batch doubled) with dp=2: the same global batch, more ranks.
+DP_GROW = {"dp1_zero1_to_dp2": 1, "dp1_zero2_to_dp2": 2, "dp1_zero3_to_dp2": 3}
 NAN_CHECK = ("dp2_zero1", "tp2_dp2")  # layouts that end with a non-finite-loss step
 
 

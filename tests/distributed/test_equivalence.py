@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from layouts import DP_CHANGE, LAYOUTS, NAN_CHECK, SAVE_AT, STEPS, dp_size
+from layouts import DP_CHANGE, DP_GROW, LAYOUTS, MAX_DP, NAN_CHECK, SAVE_AT, STEPS, dp_size
 from reference import TRAIN, reference
 
 pytestmark = pytest.mark.distributed
@@ -43,7 +43,6 @@ def assert_params_close(got: torch.Tensor, want: torch.Tensor, name: str) -> Non
 
 @functools.cache
 def _reference(rows: int) -> dict:
-    from layouts import MAX_DP
     from reference import make_batches
 
     data = make_batches(STEPS * TRAIN["grad_accum_steps"], TRAIN["micro_batch_size"] * MAX_DP)
@@ -107,6 +106,19 @@ def test_consolidated_checkpoint_is_the_single_process_model(name: str, request)
 def test_resume_with_a_different_data_parallel_size(name: str, world1) -> None:
     result = _check(name, world1)
     ref = _reference(TRAIN["micro_batch_size"] * dp_size(DP_CHANGE[name]))
+    torch.testing.assert_close(
+        torch.tensor(result["resumed"], dtype=torch.float64),
+        torch.tensor(ref["losses"][SAVE_AT:], dtype=torch.float64),
+        atol=LOSS_ATOL,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(DP_GROW))
+def test_resume_with_a_larger_data_parallel_size(name: str, world1, world2_grow) -> None:
+    _check(f"dp1_zero{DP_GROW[name]}", world1)  # the dp=1 run that wrote the checkpoint
+    result = _check(name, world2_grow)
+    ref = _reference(TRAIN["micro_batch_size"] * MAX_DP)
     torch.testing.assert_close(
         torch.tensor(result["resumed"], dtype=torch.float64),
         torch.tensor(ref["losses"][SAVE_AT:], dtype=torch.float64),
