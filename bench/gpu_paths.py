@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -38,12 +37,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/heads.py
+from heads import free_port  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -160,11 +155,10 @@ def check_megatron(device: torch.device) -> dict:
 
 def check_deepspeed(device: torch.device) -> dict:
     from mtp_dist.distributed.engine import DeepSpeedTrainEngine
+    from mtp_dist.distributed.topology import Topology
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _tiny_config(tmp, device, ["parallel.zero_stage=1"])
-        from mtp_dist.distributed.topology import Topology
-
         engine = DeepSpeedTrainEngine(cfg, Topology.from_config(cfg.parallel, 1), 0, device)
         g = torch.Generator().manual_seed(0)
         batch = torch.randint(0, 512, (8, 260), generator=g)
@@ -202,7 +196,7 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))  # fmt: skip
+                      MASTER_PORT=str(free_port()))  # fmt: skip
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=0, world_size=1)
     from megatron.core import parallel_state

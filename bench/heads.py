@@ -152,12 +152,12 @@ def spawn_layout(run_rank, world: int, args, layout: str) -> dict:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         torch.multiprocessing.spawn(
-            run_rank, args=(world, args, _free_port(), out.name, layout), nprocs=world
+            run_rank, args=(world, args, free_port(), out.name, layout), nprocs=world
         )
         return json.loads(Path(out.name).read_text())[layout]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -47,6 +47,13 @@ def _make_corpus(root: Path, n: int = 40) -> dict[str, str]:
     return texts
 
 
+def _write_tree(root: Path, texts: dict[str, str]) -> None:
+    """Write {relative path: text} under root."""
+    for rel, text in texts.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("corpus")
@@ -151,9 +158,7 @@ def test_small_corpus_still_gets_one_val_document(corpus, tmp_path: Path):
 def test_dedup_by_exact_content(corpus, tmp_path: Path):
     root, texts = corpus
     src = tmp_path / "src"
-    for rel, text in texts.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_text(text)
+    _write_tree(src, texts)
     first = next(iter(texts))
     (src / "copy_of_first.py").write_text(texts[first])
     kw = dict(val_fraction=0.0, workers=1, progress=False)
@@ -166,9 +171,7 @@ def test_dedup_by_exact_content(corpus, tmp_path: Path):
 def test_bad_inputs_are_counted_and_never_stop_the_build(corpus, tmp_path: Path):
     root, texts = corpus
     src = tmp_path / "src"
-    for rel, text in list(texts.items())[:5]:
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_text(text)
+    _write_tree(src, dict(list(texts.items())[:5]))
     (src / "empty.py").write_bytes(b"")
     (src / "blank.py").write_bytes(b"  \n\n\t\n")
     (src / "latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
@@ -310,9 +313,7 @@ def test_include_exclude_and_pruning(corpus, tmp_path: Path):
 def test_ensure_shards_reuses_and_rebuilds(corpus, tmp_path: Path):
     root, texts = corpus
     src = tmp_path / "src"
-    for rel, text in texts.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_text(text)
+    _write_tree(src, texts)
     out = tmp_path / "out"
     kw = dict(progress=False, workers=1)
     first = ensure_shards([src], out, ByteTokenizer(), SEQ, NF, **kw)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..training.checkpoint import MARKER, CheckpointError, resolve_checkpoint
+from ..training.checkpoint import MARKER, CheckpointError, load_file, resolve_checkpoint
 from .tensor_parallel import split_dim
 
 TAG = "state"
@@ -100,7 +100,7 @@ def save(engine, directory: Path) -> None:
             "tp_size": engine.topo.tensor,
         }
         (directory / "model_shards").mkdir(exist_ok=True)
-        torch.save(shard, directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt")
+        torch.save(shard, _shard_path(directory, coord))
     if engine.rank == 0:
         (directory / "layout.json").write_text(json.dumps(_layout(engine)))
     dist.barrier()
@@ -136,13 +136,13 @@ def load(engine, directory: Path) -> None:
         _restore_moments(engine, directory)
 
 
+def _shard_path(directory: Path, coord) -> Path:
+    return directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt"
+
+
 def _own_shard(engine, directory: Path) -> dict:
-    coord = engine.topo.coord(engine.rank)
-    return torch.load(
-        directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt",
-        map_location="cpu",
-        weights_only=False,
-    )
+    path = _shard_path(directory, engine.topo.coord(engine.rank))
+    return load_file(path, map_location="cpu", weights_only=False)
 
 
 def _empty_adam_state(zero, flats: list[torch.Tensor], steps: int) -> None:
@@ -198,9 +198,7 @@ def _resume_zero3_repartitioned(engine, directory: Path) -> None:
     state_file = (
         directory / "deepspeed" / TAG / f"zero_pp_rank_0_mp_rank_{coord.model:02d}_model_states.pt"
     )
-    if not state_file.is_file():
-        raise CheckpointError(f"{directory}: no DeepSpeed state file {state_file.name}")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = load_file(state_file, map_location="cpu", weights_only=False)
     ds = engine.engine
     ds.lr_scheduler.load_state_dict(state["lr_scheduler"])
     ds.global_steps = state["global_steps"]
@@ -225,7 +223,7 @@ def merge_shards(directory: Path) -> dict[str, torch.Tensor]:
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     sharded: set[str] = set()
     for f in files:
-        shard = torch.load(f, map_location="cpu", weights_only=False)
+        shard = load_file(f, map_location="cpu", weights_only=False)
         sharded.update(shard["sharded"])
         for name, tensor in shard["params"].items():
             pieces.setdefault(name, {})[shard["tp_rank"]] = tensor

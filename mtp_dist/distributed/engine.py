@@ -80,6 +80,9 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
 
     Returns (model, sharded): `sharded` maps local parameter names that are tensor-parallel
     shards to their full (MTPModel) names."""
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()  # also the head-parallel group
     dtype = param_dtype(cfg)
     sequence_parallel = cfg.parallel.sequence_parallel
     layers = None
@@ -93,17 +96,12 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, di
         if hasattr(p, "partition_dim")  # set by Megatron's tensor-parallel layers
     }
     if topo.head > 1:
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_tensor_model_parallel_group()
-        apply_head_parallel(model, group, topo.head_ids(rank, cfg.model.n_future))
+        apply_head_parallel(model, tp_group, topo.head_ids(rank, cfg.model.n_future))
     model = model.to(dtype)
     initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
     load_initial_params(model, initial, topo.coord(rank).model, topo.tensor, set(sharded))
     if sequence_parallel:
-        from megatron.core import parallel_state
-
-        reduce_sequence_parallel_grads(model, parallel_state.get_tensor_model_parallel_group())
+        reduce_sequence_parallel_grads(model, tp_group)
     return model, sharded
 
 
