@@ -127,19 +127,16 @@ def _tiny_config(run_dir: str, device: torch.device, extra: list[str] = ()):
 
 
 def check_megatron(device: torch.device) -> dict:
-    from mtp_dist.distributed.tensor_parallel import (
-        MegatronLayers,
-        load_initial_params,
-        unwrap_name,
-    )
-    from mtp_dist.model import MTPModel, split_window
+    from mtp_dist.distributed.tensor_parallel import MegatronLayers, load_initial_params
+    from mtp_dist.model import MTPModel, parameter_table, split_window
     from mtp_dist.model.init import initial_parameters
 
     cfg = _tiny_config("/tmp/unused", device).model
+    table = parameter_table(cfg)
     reference = MTPModel(cfg).to(device)
-    load_initial_params(reference, initial_parameters(cfg, 0), 0, 1, set())
+    load_initial_params(reference, initial_parameters(cfg, 0), table, 0, 1)
     model = MTPModel(cfg, MegatronLayers(cfg.init_std, torch.float32)).to(device)
-    load_initial_params(model, initial_parameters(cfg, 0), 0, 1, set())
+    load_initial_params(model, initial_parameters(cfg, 0), table, 0, 1)
     g = torch.Generator().manual_seed(0)
     inputs, labels = split_window(torch.randint(0, 512, (4, 260), generator=g).to(device), 256)
     losses, grads = [], []
@@ -147,7 +144,7 @@ def check_megatron(device: torch.device) -> dict:
         out = net(inputs, labels)
         out.loss.backward()
         losses.append(float(out.loss))
-        grads.append({unwrap_name(n): p.grad for n, p in net.named_parameters()})
+        grads.append(dict((n, p.grad) for n, p in net.named_parameters()))
     worst = max(float((grads[1][n] - g).abs().max()) for n, g in grads[0].items())
     return {"ok": abs(losses[0] - losses[1]) < 1e-4 and worst < 1e-4, "loss_local": losses[0],
             "loss_megatron": losses[1], "max_grad_diff": worst}  # fmt: skip

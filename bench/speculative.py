@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
 from mtp_dist.inference import Decoder, Stopper
-from mtp_dist.training.checkpoint import load_for_inference, resolve_checkpoint
 
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
 

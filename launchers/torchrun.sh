@@ -22,7 +22,7 @@
 #   TORCHRUN_ARGS    extra torchrun options, split on spaces (e.g. "--log-dir logs --tee 3")
 #   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  [1]: see the note before the exec below
 #
-# Rendezvous caveat (docs/FACTS.md "Launchers"): with c10d, the launcher on node 0 must host the
+# Rendezvous caveat (docs/launching.md): with c10d, the launcher on node 0 must host the
 # rendezvous store. torchrun guesses it from the hostname, which goes wrong when several launchers
 # share one machine (simulated Slurm nodes) and can race when all start at once, so this script
 # says it explicitly: is_host=1 on NODE_RANK 0, is_host=0 elsewhere.

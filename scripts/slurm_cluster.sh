@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A local Slurm cluster for the `slurm` test tier: munge + slurmctld + two simulated nodes
-# (node1, node2: two slurmd daemons on 127.0.0.1), as recorded in docs/FACTS.md "Launchers".
+# (node1, node2: two slurmd daemons on 127.0.0.1; docs/launching.md describes the setup).
 #
 #   bash scripts/slurm_cluster.sh start    # install (apt, idempotent), configure, start, wait idle
 #   bash scripts/slurm_cluster.sh status   # daemons and `sinfo`

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from mtp_dist import checkpoint as ckpt
 from mtp_dist.config import load_config
 from mtp_dist.training import Trainer
-from mtp_dist.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "tests/slurm/tiny.yaml"

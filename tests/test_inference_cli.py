@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from toy_models import save_checkpoint
 
 from mtp_dist.cli import main
 from mtp_dist.config import ModelConfig
-from mtp_dist.inference.toy import save_checkpoint
 from mtp_dist.model import MTPModel
 from mtp_dist.tokenizers import ByteTokenizer
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from mtp_dist.inference import Decoder, GenerationConfig, Generator
-from mtp_dist.inference.toy import (
+from toy_models import (
     first_heads,
     letter_runs,
     stdlib_texts,
     template_code,
     train_toy_model,
 )
+
+from mtp_dist.inference import Decoder, GenerationConfig, Generator
 from mtp_dist.tokenizers import ByteTokenizer, train_sentencepiece
 
 # Which synthetic corpus each tokenizer's model learns within a few seconds of training.

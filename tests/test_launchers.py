@@ -258,7 +258,8 @@ def check_finished(run_dir: Path, steps: int = 12) -> list[dict]:
 @pytest.mark.distributed
 def test_two_nodes_on_one_machine_c10d_started_together(tmp_path):
     """Two launchers (NODE_RANK 0 and 1, one worker each) started at the same instant: the
-    explicit is_host settles who hosts the c10d store (FACTS.md saw this race fail)."""
+    explicit is_host settles who hosts the c10d store (without it, two launchers started at
+    the same instant once failed with RendezvousConnectionError)."""
     run_dir = tmp_path / "run"
     env = clean_env(
         NNODES="2",

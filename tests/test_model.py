@@ -188,3 +188,60 @@ def test_streamed_initial_parameters_are_the_constructed_model(n_future, paramet
         assert torch.equal(value, built[name].detach()), name
     other = dict(initial_parameters(cfg, seed=8))
     assert not torch.equal(other["embed.weight"], built["embed.weight"])
+
+
+@pytest.mark.parametrize("n_future, parameter_matched", [(1, False), (4, True)])
+def test_parameter_table_is_the_model(n_future, parameter_matched):
+    """The table lists every parameter of the built model, in its order, with its shape; owners
+    and split dimensions follow the layers that made them."""
+    from mtp_dist.model import Owner, parameter_table
+
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=6, n_attn_heads=2, ffn_hidden=24,
+                      n_future=n_future, parameter_matched=parameter_matched)  # fmt: skip
+    table = parameter_table(cfg)
+    built = list(MTPModel(cfg).named_parameters())
+    assert list(table) == [name for name, _ in built]
+    for name, param in built:
+        assert table[name].shape == tuple(param.shape), name
+    expect = {
+        "embed.weight": (Owner("embed"), "embedding", 0),
+        "trunk.0.attn.wq.weight": (Owner("trunk", 0), "column", 0),
+        "trunk.0.attn.wo.weight": (Owner("trunk", 0), "row", 1),
+        "trunk.0.mlp.w_down.weight": (Owner("trunk", 0), "row", 1),
+        "trunk.0.mlp_norm.weight": (Owner("trunk", 0), "norm", None),
+        f"heads.head{n_future - 1}__mlp__w_up__weight": (Owner("head", n_future - 1), "column", 0),
+        "heads.unembed__proj__weight": (Owner("unembed"), "unembedding", 0),
+        "heads.unembed__norm__weight": (Owner("unembed"), "norm", None),
+    }
+    for name, (owner, role, dim) in expect.items():
+        spec = table[name]
+        assert (spec.owner, spec.role, spec.split_dim) == (owner, role, dim), name
+    assert table["trunk.0.attn.wq.weight"].path == "attn.wq.weight"
+    per_layer = len(table.owned_by("trunk")) // cfg.trunk_layers  # a head layer is a block too
+    assert len(table.owned_by("head")) == n_future * per_layer
+    with pytest.raises(ValueError, match="missing"):
+        table.check_names(list(table)[1:], "a state dict")
+
+
+def test_heads_held_and_reduction_are_constructor_seams():
+    """A model holding only some heads (head parallelism) has only those heads' parameters and
+    runs only them; the shared gradients go through the injected HeadReduction."""
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=6, n_attn_heads=4, n_future=4)
+    calls = []
+
+    class Recording:
+        def reduce_hidden_grad(self, grad_h):
+            calls.append("hidden")
+            return grad_h
+
+        def reduce_shared_grads(self, grads):
+            calls.append(len(grads))
+
+    model = MTPModel(cfg, head_ids=(1, 3), head_reduction=Recording())
+    names = [n for n, _ in model.heads.named_parameters()]
+    assert {n.split("__")[0] for n in names} == {"head1", "head3", "unembed"}
+    inputs, labels = batch(T=12, extra=4)
+    out = model(inputs, labels)
+    assert out.head_ids == (1, 3) and out.head_losses.shape == (2,)
+    out.loss.backward()
+    assert calls == ["hidden", 2]  # the trunk gradient, and the unembedding's norm + projection

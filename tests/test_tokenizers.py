@@ -150,7 +150,7 @@ def test_sp_round_trip_real_files(sp_tok: SentencePieceTokenizer):
         assert sp_tok.decode(ids) == text, path
         total_bytes += len(text.encode())
         total_ids += len(ids)
-    # BPE must actually compress code (FACTS.md: ~3.5 bytes/token at 8k; 2k vocab is smaller)
+    # BPE must actually compress code (~3.5 bytes/token was measured at 8k; a 2k vocab is smaller)
     assert total_bytes / total_ids > 2.5
 
 

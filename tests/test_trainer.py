@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtp_dist import checkpoint as ckpt
 from mtp_dist.config import load_config
 from mtp_dist.training import Trainer, TrainingAborted
-from mtp_dist.training import checkpoint as ckpt
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 RECIPE = Path(__file__).parent.parent / "configs" / "tiny-cpu.yaml"

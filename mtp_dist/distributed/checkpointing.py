@@ -1,33 +1,24 @@
-"""Distributed checkpoints: DeepSpeed's own state plus layout-free model shards.
-
-Inside one checkpoint directory (the Trainer's staging dir, renamed into place when complete):
-
-    deepspeed/state/...          DeepSpeed's checkpoint (module, ZeRO partitions, scheduler)
-    model_shards/pp{P}_mp{M}.pt  this (pipeline stage, model rank) position's parameters, full
-                                 over data parallelism, under MTPModel names, in fp32/fp64
-    layout.json                  the topology and ZeRO stage that wrote it
+"""Distributed checkpoints: DeepSpeed's own state plus layout-free model shards, written and
+resumed by every rank (the files' layout, and consolidation, live in mtp_dist/checkpoint/shards.py).
 
 Resume loads DeepSpeed's state: exact (optimizer moments, step, schedule). A different
 data-parallel size works for ZeRO 0 (replicated state), ZeRO 1/2 (DeepSpeed loads module,
 scheduler and step; we re-partition the moments from the layout-free shards) and ZeRO-3
 (DeepSpeed 0.19.8 cannot re-split its own ZeRO-3 partitions without its universal-checkpoint
 conversion, so weights and moments come from the layout-free shards, and schedule and step from
-DeepSpeed's data-parallel-rank-0 state file). `consolidate` merges the model shards
-(tensor-parallel splits concatenated, heads and stages collected) into the single-process
-`model.pt` that `mtp generate` loads; it needs no process group.
+DeepSpeed's data-parallel-rank-0 state file). `mtp_dist.checkpoint.consolidate` merges
+the model shards into the single-process `model.pt` that `mtp generate` loads.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..training.checkpoint import MARKER, CheckpointError, load_file, resolve_checkpoint
-from .tensor_parallel import split_dim
+from ..checkpoint import LAYOUT_FILE, CheckpointError, load_file, shard_path
 
 TAG = "state"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -51,9 +42,9 @@ def full_params(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
-    for name, param in engine.engine.module.named_parameters():
+    for name, param in engine.named_parameters():
         value = safe_get_full_fp32_param(param)
-        out[engine.full_param_name(name)] = (param.data if value is None else value).cpu().clone()
+        out[name] = (param.data if value is None else value).cpu().clone()
     return out
 
 
@@ -70,14 +61,14 @@ def full_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
         # param group's first step, when the later groups have no state yet (0.19.8): relink.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
-    for name, param in engine.engine.module.named_parameters():
+    for name, param in engine.named_parameters():
         for key in MOMENTS:
             if plain:
                 value = engine.engine.optimizer.state.get(param, {}).get(key)
             else:
                 value = safe_get_full_optimizer_state(param, key)
             value = torch.zeros_like(param) if value is None else value
-            out[key][engine.full_param_name(name)] = value.detach().cpu().clone()
+            out[key][name] = value.detach().cpu().clone()
     return out
 
 
@@ -91,23 +82,20 @@ def save(engine, directory: Path) -> None:
         shard = {
             "params": params,
             "moments": moments,
-            "sharded": sorted(
-                engine.full_param_name(n)
-                for n, _ in engine.engine.module.named_parameters()
-                if engine.is_sharded(n)
-            ),
+            "sharded": sorted(n for n, p in engine.named_parameters() if engine.is_sharded(p)),
             "tp_rank": coord.model,
             "tp_size": engine.topo.tensor,
         }
-        (directory / "model_shards").mkdir(exist_ok=True)
-        torch.save(shard, _shard_path(directory, coord))
+        path = shard_path(directory, coord.pipe, coord.model)
+        path.parent.mkdir(exist_ok=True)
+        torch.save(shard, path)
     if engine.rank == 0:
-        (directory / "layout.json").write_text(json.dumps(_layout(engine)))
+        (directory / LAYOUT_FILE).write_text(json.dumps(_layout(engine)))
     dist.barrier()
 
 
 def load(engine, directory: Path) -> None:
-    saved = json.loads((directory / "layout.json").read_text())
+    saved = json.loads((directory / LAYOUT_FILE).read_text())
     now = _layout(engine)
     same_model_layout = all(saved[k] == now[k] for k in ("tensor", "pipeline", "head"))
     if not same_model_layout or saved["zero_stage"] != now["zero_stage"]:
@@ -136,12 +124,9 @@ def load(engine, directory: Path) -> None:
         _restore_moments(engine, directory)
 
 
-def _shard_path(directory: Path, coord) -> Path:
-    return directory / "model_shards" / f"pp{coord.pipe:02d}_mp{coord.model:02d}.pt"
-
-
 def _own_shard(engine, directory: Path) -> dict:
-    path = _shard_path(directory, engine.topo.coord(engine.rank))
+    coord = engine.topo.coord(engine.rank)
+    path = shard_path(directory, coord.pipe, coord.model)
     return load_file(path, map_location="cpu", weights_only=False)
 
 
@@ -167,13 +152,12 @@ def _set_lr_from_scheduler(engine) -> None:
 def _set_master_weights_and_moments(engine, shard: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    for name, param in engine.engine.module.named_parameters():
-        full = engine.full_param_name(name)
+    for name, param in engine.named_parameters():
         device = param.device
-        safe_set_full_fp32_param(param, shard["params"][full].to(device))
+        safe_set_full_fp32_param(param, shard["params"][name].to(device))
         if shard["moments"] is not None:
             for key in MOMENTS:
-                safe_set_full_optimizer_state(param, shard["moments"][key][full].to(device), key)
+                safe_set_full_optimizer_state(param, shard["moments"][key][name].to(device), key)
 
 
 def _restore_moments(engine, directory: Path) -> None:
@@ -206,59 +190,10 @@ def _resume_zero3_repartitioned(engine, directory: Path) -> None:
     ds.skipped_steps = state["skipped_steps"]
     _set_lr_from_scheduler(engine)
     shard = _own_shard(engine, directory)
-    params = list(ds.module.named_parameters())
+    params = engine.named_parameters()
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
         with torch.no_grad():
             for name, param in params:  # every rank writes; data-parallel rank 0's is broadcast
-                param.data.copy_(shard["params"][engine.full_param_name(name)].to(param.dtype))
+                param.data.copy_(shard["params"][name].to(param.dtype))
     _empty_adam_state(ds.optimizer, ds.optimizer.fp32_partitioned_groups_flat, ds.global_steps)
     _set_master_weights_and_moments(engine, shard)
-
-
-def merge_shards(directory: Path) -> dict[str, torch.Tensor]:
-    """The single-process state dict from a checkpoint's model shards (no process group)."""
-    files = sorted((directory / "model_shards").glob("pp*_mp*.pt"))
-    if not files:
-        raise CheckpointError(f"{directory} has no model_shards/: not a distributed checkpoint")
-    pieces: dict[str, dict[int, torch.Tensor]] = {}
-    sharded: set[str] = set()
-    for f in files:
-        shard = load_file(f, map_location="cpu", weights_only=False)
-        sharded.update(shard["sharded"])
-        for name, tensor in shard["params"].items():
-            pieces.setdefault(name, {})[shard["tp_rank"]] = tensor
-    full = {}
-    for name, by_rank in pieces.items():
-        if name in sharded:
-            dim = split_dim(name)
-            full[name] = torch.cat([by_rank[r] for r in sorted(by_rank)], dim=dim)
-        else:
-            full[name] = next(iter(by_rank.values()))  # replicated: every copy is the same
-    return full
-
-
-def consolidate(source: str | Path, out: str | Path) -> Path:
-    """Write a single-process checkpoint (model.pt, config.yaml, tokenizer/, marker) from a
-    distributed one (a checkpoint directory or a run directory: its latest checkpoint)."""
-    from ..config import load_config
-    from ..model import MTPModel
-
-    ckpt = resolve_checkpoint(source)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.float() for k, v in merge_shards(ckpt).items()}
-    cfg = load_config(ckpt / "config.yaml")
-    expected = {n for n, _ in MTPModel(cfg.model).named_parameters()}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise CheckpointError(f"shards of {ckpt} do not form the model: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")  # fmt: skip
-    torch.save(state, out / "model.pt")
-    shutil.copy(ckpt / "config.yaml", out / "config.yaml")
-    if (ckpt / "tokenizer").is_dir():
-        shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    if (ckpt / "trainer.pt").is_file():
-        shutil.copy(ckpt / "trainer.pt", out / "trainer.pt")
-    meta = json.loads((ckpt / MARKER).read_text()) if (ckpt / MARKER).is_file() else {}
-    (out / MARKER).write_text(json.dumps({**meta, "consolidated_from": str(ckpt)}))
-    return out

@@ -7,7 +7,7 @@ import argparse
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from .checkpointing import consolidate
+    from ..checkpoint import consolidate
 
     out = consolidate(args.source, args.out)
     print(f"wrote {out / 'model.pt'}")

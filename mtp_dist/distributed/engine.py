@@ -20,24 +20,22 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..model import LocalLayers, MTPModel, split_window
+from ..model import LocalLayers, MTPModel, parameter_table, split_window
 from ..model.init import initial_parameters
-from ..training.engine import StepMetrics, lr_lambda, param_groups
+from ..training.engine import (
+    HeadTotals,
+    StepMetrics,
+    lr_lambda,
+    param_dtype,
+    param_groups,
+    uses_bf16,
+)
 from . import checkpointing
-from .head_parallel import apply_head_parallel, gather_head_metrics
-from .pipeline import build_pipeline, full_name
+from .head_parallel import HeadParallel, gather_head_metrics, mark_head_params
+from .pipeline import build_pipeline
 from .sequence_parallel import reduce_sequence_parallel_grads
-from .tensor_parallel import MegatronLayers, load_initial_params, unwrap_name
+from .tensor_parallel import MegatronLayers, load_initial_params
 from .topology import MegatronMPU, Topology, check_layout
-
-
-def param_dtype(cfg: RunConfig) -> torch.dtype:
-    return torch.float64 if cfg.train.precision == "fp64" else torch.float32
-
-
-def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    p = cfg.train.precision
-    return p == "bf16" or (p == "auto" and device.type == "cuda")
 
 
 def deepspeed_config(cfg: RunConfig, topo: Topology, bf16: bool) -> dict:
@@ -75,34 +73,34 @@ def deepspeed_config(cfg: RunConfig, topo: Topology, bf16: bool) -> dict:
     }
 
 
-def build_model(cfg: RunConfig, topo: Topology, rank: int) -> tuple[MTPModel, dict[str, str]]:
-    """This rank's part of the model, initialised from the single-process weights.
-
-    Returns (model, sharded): `sharded` maps local parameter names that are tensor-parallel
-    shards to their full (MTPModel) names."""
+def build_model(cfg: RunConfig, topo: Topology, rank: int) -> MTPModel:
+    """This rank's part of the model, initialised from the single-process weights. Its
+    parameters carry their canonical names (mtp_dist/model/params.py)."""
     from megatron.core import parallel_state
 
     tp_group = parallel_state.get_tensor_model_parallel_group()  # also the head-parallel group
-    dtype = param_dtype(cfg)
+    dtype = param_dtype(cfg.train.precision)
     sequence_parallel = cfg.parallel.sequence_parallel
+    table = parameter_table(cfg.model)
     layers = None
     if topo.tensor > 1:
         layers = MegatronLayers(cfg.model.init_std, dtype, sequence_parallel)
-    head_layers = LocalLayers(cfg.model.init_std) if topo.head > 1 else None
-    model = MTPModel(cfg.model, layers, head_layers)
-    sharded = {
-        n: unwrap_name(n)
-        for n, p in model.named_parameters()
-        if hasattr(p, "partition_dim")  # set by Megatron's tensor-parallel layers
-    }
-    if topo.head > 1:
-        apply_head_parallel(model, tp_group, topo.head_ids(rank, cfg.model.n_future))
+    head_parallel = topo.head > 1
+    model = MTPModel(
+        cfg.model,
+        layers,
+        head_layers=LocalLayers(cfg.model.init_std) if head_parallel else None,
+        head_ids=topo.head_ids(rank, cfg.model.n_future) if head_parallel else None,
+        head_reduction=HeadParallel(tp_group) if head_parallel else None,
+    )
+    if head_parallel:
+        mark_head_params(model, table)
     model = model.to(dtype)
     initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
-    load_initial_params(model, initial, topo.coord(rank).model, topo.tensor, set(sharded))
+    load_initial_params(model, initial, table, topo.coord(rank).model, topo.tensor)
     if sequence_parallel:
         reduce_sequence_parallel_grads(model, tp_group)
-    return model, sharded
+    return model
 
 
 class DeepSpeedTrainEngine:
@@ -118,9 +116,11 @@ class DeepSpeedTrainEngine:
         self.head_group = parallel_state.get_tensor_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pipe_group = parallel_state.get_pipeline_model_parallel_group()
-        self.bf16 = use_bf16(cfg, device)
-        model, sharded = build_model(cfg, topo, rank)
-        self.sharded_full = set(sharded.values())
+        self.bf16 = uses_bf16(cfg.train.precision, device)
+        model = build_model(cfg, topo, rank)
+        # Parameters by identity -> canonical name: the pipeline module re-nests the same
+        # parameter objects under its own names, so names are taken before it exists.
+        self._names = {param: name for name, param in model.named_parameters()}
         self.loss_fn = None
         if topo.pipeline > 1:
             shards = topo.tensor if cfg.parallel.sequence_parallel else 1
@@ -140,18 +140,17 @@ class DeepSpeedTrainEngine:
         )
         self.model = self.engine.module
         self._stage0_norm: float | None = None
-        self.before_step = None  # test probe: called with this engine before each optimizer step
 
     # -- names -----------------------------------------------------------------------------
-    def full_param_name(self, local: str) -> str:
-        """Local parameter name -> MTPModel name (pipeline indices and `.inner.` removed)."""
-        if self.topo.pipeline > 1:
-            local = full_name(local, self.cfg.model.trunk_layers)
-        return unwrap_name(local)
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This rank's parameters under their canonical names (whatever module holds them)."""
+        return [(self._names[p], p) for p in self.engine.module.parameters()]
 
-    def is_sharded(self, local: str) -> bool:
-        """Is this local parameter a tensor-parallel shard of a larger full parameter?"""
-        return self.full_param_name(local) in self.sharded_full
+    @staticmethod
+    def is_sharded(param: torch.nn.Parameter) -> bool:
+        """Is this parameter a tensor-parallel slice of a larger full parameter? (Megatron's
+        tensor-parallel layers mark theirs with `partition_dim`.)"""
+        return hasattr(param, "partition_dim")
 
     # -- steps -----------------------------------------------------------------------------
     def _split(self, window: torch.Tensor):
@@ -191,8 +190,6 @@ class DeepSpeedTrainEngine:
                 return self._skipped(outputs, tokens, "non-finite loss")
             self.engine.backward(out.loss)
             if k == len(micro_batches) - 1:
-                if self.before_step is not None:
-                    self.before_step(self)
                 self._stage0_norm = self._unclipped_norm()
             self.engine.step()
         return self._metrics(outputs, tokens, lr)
@@ -210,19 +207,7 @@ class DeepSpeedTrainEngine:
     def _pipeline_step(self, micro_batches, tokens: int, lr: float) -> StepMetrics:
         batches = [self._split(w) for w in micro_batches]
         self.loss_fn.outputs = []
-        optimizer = self.engine.optimizer
-        if self.before_step is not None:  # the pipeline steps inside train_batch: wrap step()
-            probe, original = self.before_step, optimizer.step
-
-            def step_with_probe(*args, **kwargs):
-                probe(self)
-                return original(*args, **kwargs)
-
-            optimizer.step = step_with_probe
-        try:
-            self.engine.train_batch(iter(batches))
-        finally:
-            optimizer.__dict__.pop("step", None)
+        self.engine.train_batch(iter(batches))
         # A pipeline runs forward and backward in one schedule, so the finiteness check can only
         # follow it; a non-finite loss makes DeepSpeed's own step non-finite, and we report it.
         metrics = self._metrics(self.loss_fn.outputs, tokens, lr)
@@ -238,40 +223,29 @@ class DeepSpeedTrainEngine:
     def _metrics(self, outputs, tokens: int, lr: float, reduce_dp: bool = True) -> StepMetrics:
         """Per-head metrics over micro-batches, all heads (head parallel), all data-parallel
         ranks (mean), and every pipeline stage (broadcast from the last)."""
-        summary = None
+        totals = None
         if outputs:
-            k = len(outputs)
-            losses = sum(o.head_losses.double() for o in outputs) / k
-            correct = sum(o.head_correct.double() for o in outputs)
-            counts = sum(o.head_counts.double() for o in outputs)
-            ids = outputs[0].head_ids
-            summary = _Summary(ids, losses, correct, counts)
+            totals = HeadTotals.of(outputs)
             if self.topo.head > 1:
-                summary = _Summary(range(self.cfg.model.n_future),
-                                   *gather_head_metrics(summary, self.head_group))  # fmt: skip
+                ids = tuple(range(self.cfg.model.n_future))
+                totals = HeadTotals(ids, *gather_head_metrics(totals, self.head_group))
         if self.topo.pipeline > 1:
-            box = [summary]
+            box = [totals]
             last = dist.get_process_group_ranks(self.pipe_group)[-1]
             dist.broadcast_object_list(box, src=last, group=self.pipe_group)
-            summary = box[0]
-        parts = (summary.head_losses, summary.head_correct, summary.head_counts)
-        stats = torch.cat([p.to(self.device, torch.float64) for p in parts])
+            totals = box[0]
         if reduce_dp and self.topo.data > 1:
+            parts = (totals.head_losses, totals.head_correct, totals.head_counts)
+            stats = torch.cat([x.to(self.device, torch.float64) for x in parts])
             dist.all_reduce(stats, group=self.dp_group)
-            stats[: self.cfg.model.n_future] /= self.topo.data
-        stats = stats.cpu()
-        n = self.cfg.model.n_future
-        losses, correct, counts = stats[:n], stats[n : 2 * n], stats[2 * n :].clamp(min=1)
+            losses, correct, counts = stats.cpu().chunk(3)
+            totals = HeadTotals(totals.head_ids, losses / self.topo.data, correct, counts)
+        metrics = totals.metrics(tokens)
         norm = self.engine.get_global_grad_norm() if lr else None
         norm = self._stage0_norm if norm is None and lr else norm
-        return StepMetrics(
-            loss=float(losses.sum()),
-            head_losses=losses.tolist(),
-            head_accuracy=(correct / counts).tolist(),
-            tokens=tokens,
-            grad_norm=float(norm) if norm is not None else float("nan"),
-            lr=lr,
-        )
+        metrics.grad_norm = float(norm) if norm is not None else float("nan")
+        metrics.lr = lr
+        return metrics
 
     @torch.no_grad()
     def eval_step(self, batch: torch.Tensor) -> StepMetrics:
@@ -290,11 +264,3 @@ class DeepSpeedTrainEngine:
 
     def load(self, directory: Path) -> None:
         checkpointing.load(self, Path(directory))
-
-
-class _Summary:
-    """Per-head sums in the shape gather_head_metrics and the broadcast expect."""
-
-    def __init__(self, head_ids, losses, correct, counts) -> None:
-        self.head_ids = tuple(head_ids)
-        self.head_losses, self.head_correct, self.head_counts = losses, correct, counts

@@ -1,8 +1,9 @@
 """Head-parallel output layers: the n heads spread over the ranks of a head-parallel group.
 
 Every rank of the group holds the same (replicated) trunk output h. Rank k runs its own whole
-heads one after another through the sequential loss (MultiTokenHeads.head_ids), keeps only those
-heads' parameters, and the two hooks of MultiTokenHeads sum over the group what the heads share:
+heads one after another through the sequential loss: the model is built holding only those heads
+(`MTPModel(..., head_ids=...)`), and `HeadParallel`, the model's `HeadReduction` seam, sums over
+the group what the heads share:
 
     grad_h   = sum_k  dL_k/dh                 (reduce_hidden_grad: the trunk sees all n heads)
     grad_U   = sum_k  dL_k/dU                 (reduce_shared_grads: shared norm + unembedding)
@@ -19,15 +20,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model import MTPModel
+from ..model import MTPModel, ParamTable
 
 
 class HeadParallel:
-    """Binds a model's heads to a head-parallel group (the hooks MultiTokenHeads exposes)."""
+    """The HeadReduction of a head-parallel group: sums over the ranks holding the other heads."""
 
-    def __init__(self, group, head_ids: tuple[int, ...]) -> None:
+    def __init__(self, group) -> None:
         self.group = group
-        self.head_ids = head_ids
 
     def reduce_hidden_grad(self, grad_h: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(grad_h, group=self.group)
@@ -44,20 +44,16 @@ class HeadParallel:
             offset += g.numel()
 
 
-def apply_head_parallel(model: MTPModel, group, head_ids: tuple[int, ...]) -> HeadParallel:
-    """Narrow `model.heads` to `head_ids`, drop the other heads' parameters, wire the hooks."""
-    heads = model.heads
-    binding = HeadParallel(group, head_ids)
-    heads.head_ids = head_ids
-    for i, names in enumerate(heads.head_param_names):
-        for _, flat in names:
-            if i in head_ids:
-                heads._parameters[flat].tensor_model_parallel = True
-            else:
-                del heads._parameters[flat]  # memory: a rank keeps only its own heads
-    heads.reduce_hidden_grad = binding.reduce_hidden_grad
-    heads.reduce_shared_grads = binding.reduce_shared_grads
-    return binding
+def mark_head_params(model: MTPModel, table: ParamTable) -> int:
+    """Mark the held heads' parameters `tensor_model_parallel`, so that gradient clipping counts
+    each of them once over the group (every rank holds different heads). Returns how many."""
+    heads = {spec.name for spec in table.owned_by("head")}
+    marked = 0
+    for name, param in model.named_parameters():
+        if name in heads:
+            param.tensor_model_parallel = True
+            marked += 1
+    return marked
 
 
 def gather_head_metrics(out, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@
     layers 1..L      TrunkStage    x -> block(x)                          split by count
     layer L+1        HeadStage     h -> h; the loss_fn runs the heads     last stage
 
-Megatron-core's own pipeline schedules allocate on CUDA in 0.16.1 (FACTS.md), so the schedule
+Megatron-core's own pipeline schedules allocate on CUDA in 0.16.1 (`torch.zeros(...,
+device="cuda")` in forward_backward_pipelining_without_interleaving), so the schedule
 comes from DeepSpeed's PipelineEngine (the Megatron-DeepSpeed combination: Megatron tensor
 parallelism inside each stage, DeepSpeed pipeline, ZeRO-1), which runs on CPU/gloo and GPU/NCCL.
 The heads, final norm and shared unembedding live on the last stage; the loss function is the
@@ -83,17 +84,6 @@ def pipeline_layers(model: MTPModel, sequence_shards: int = 1) -> tuple[list[nn.
     stages += [TrunkStage(block, model, sequence_shards) for block in model.trunk]
     head = HeadStage(model, sequence_shards)
     return stages + [head], HeadLoss(head)
-
-
-def full_name(pipe_name: str, n_trunk: int) -> str:
-    """PipelineModule parameter name ('3.block.attn.wq.inner.weight') -> MTPModel name."""
-    index, _, rest = pipe_name.partition(".")
-    index = int(index)
-    if index == 0:
-        return rest  # 'embed....'
-    if index <= n_trunk:
-        return f"trunk.{index - 1}." + rest.removeprefix("block.")
-    return rest  # 'heads....'
 
 
 def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 1):

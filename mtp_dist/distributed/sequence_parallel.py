@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.layers import RMSNorm
+from .shared_copy import deepcopy_sharing
 
 
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
@@ -150,8 +151,6 @@ class GatheringNorm(RMSNorm):
         return gather_sequence(super().forward(x), self.group)
 
     def __deepcopy__(self, memo):
-        from .tensor_parallel import deepcopy_sharing
-
         return deepcopy_sharing(self, memo, self.group)
 
 

@@ -13,75 +13,60 @@ embedding and every row layer reduce-scatter along the sequence instead of all-r
 norm all-gathers its output for the column layers after it: the same communication volume as
 plain tensor parallelism, with the norm/residual activations divided by tp.
 
+The layers are subclasses of Megatron's (forward returning a tensor rather than Megatron's
+(output, bias) pair), not wrappers around them, so a parameter's name in a tensor-parallel
+model is its canonical name (mtp_dist/model/params.py) and nothing has to rewrite it.
+
 `load_initial_params` cuts this rank's shards from the single-process initial weights, streamed
 one parameter at a time (so every layout starts from exactly the single-process weights without
-a full model on any rank); the inverse of the cut, joining the shards along
-`split_dim`, is `checkpointing.merge_shards` (offline, for `mtp checkpoint consolidate`).
+a full model on any rank), along each parameter's split dimension from the parameter table; the
+inverse, joining the shards, is `mtp_dist.checkpoint.merge_shards` (offline, for `mtp
+checkpoint consolidate`).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from torch import nn
 
+from ..model import ParamTable
 from ..model.layers import IGNORE_INDEX, RMSNorm
 from .sequence_parallel import GatheringNorm, reduce_scatter_sequence, saving_slices
-
-# Parameter name suffix -> dimension split over tensor-parallel ranks (None: replicated).
-_COLUMN = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
-_ROW = ("wo.weight", "w_down.weight")
-_VOCAB = ("embed.weight", "proj.weight")
+from .shared_copy import deepcopy_sharing
 
 
-def split_dim(name: str) -> int | None:
-    """Which dimension of full parameter `name` (MTPModel naming, flat head names included) is
-    split over tensor-parallel ranks: 0 for column/vocab layers, 1 for row layers, None if
-    replicated (norms)."""
-    dotted = name.replace("__", ".")
-    if dotted.endswith(_COLUMN) or dotted.endswith(_VOCAB):
-        return 0
-    if dotted.endswith(_ROW):
-        return 1
-    return None
-
-
-def deepcopy_sharing(module: nn.Module, memo: dict, *shared) -> nn.Module:
-    """Deep copy that shares `shared` objects (process groups, Megatron configs) instead of
-    copying them: MultiTokenHeads deep-copies a head into a parameter-free meta template, and a
-    ProcessGroup cannot be copied."""
-    memo.update({id(obj): obj for obj in shared if obj is not None})
-    clone = type(module).__new__(type(module))
-    memo[id(module)] = clone
-    clone.__dict__ = copy.deepcopy(module.__dict__, memo)
-    return clone
-
-
-class _TensorOut(nn.Module):
-    """Megatron's linear layers return (output, bias); the model wants a tensor."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.inner.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _bias = self.inner(x)
-        return out
+class _SharesGroups:
+    """MultiTokenHeads deep-copies a head into a parameter-free meta template; a ProcessGroup
+    cannot be copied, so the copy shares the group and Megatron's config."""
 
     def __deepcopy__(self, memo):
-        return deepcopy_sharing(
-            self, memo, self.inner.config, getattr(self.inner, "tp_group", None)
-        )
+        return deepcopy_sharing(self, memo, getattr(self, "config", None), self.tp_group)
 
 
-class _SequenceGatheredColumn(_TensorOut):
+class _Column(_SharesGroups, ColumnParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _bias = super().forward(x)
+        return out
+
+
+class _Row(_SharesGroups, RowParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _bias = super().forward(x)
+        return out
+
+
+class _SequenceGatheredColumn(_Column):
     """Sequence parallelism: the column layer reads the sequence its norm gathered, and keeps
     only this rank's slice of it for backward (`saving_slices`)."""
 
@@ -90,37 +75,35 @@ class _SequenceGatheredColumn(_TensorOut):
             return super().forward(x)
 
 
-class _SequenceScatteringRow(_TensorOut):
+class _SequenceScatteringRow(_Row):
     """Sequence parallelism: the row layer's partial products are reduce-scattered along the
     sequence instead of all-reduced. The parameter is Megatron's RowParallelLinear's; its
     forward is a plain matmul plus our collective (see sequence_parallel.py for why not
     Megatron's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = torch.nn.functional.linear(x, self.inner.weight)
-        return reduce_scatter_sequence(partial, self.inner.tp_group)
+        partial = torch.nn.functional.linear(x, self.weight)
+        return reduce_scatter_sequence(partial, self.tp_group)
 
 
-class _VocabEmbedding(_TensorOut):
-    """VocabParallelEmbedding returns a tensor already; the wrapper keeps the same parameter
-    names and process-group-sharing deepcopy as the linear layers. With `scatter_sequence`
-    the per-rank partial lookups are reduce-scattered along the sequence (Megatron's
-    `reduce_scatter_embeddings` path is CUDA-only in 0.16.1), so the trunk starts on
-    this rank's slice."""
+class _VocabEmbedding(_SharesGroups, VocabParallelEmbedding):
+    """With `scatter_sequence` the per-rank partial lookups are reduce-scattered along the
+    sequence (Megatron's `reduce_scatter_embeddings` path is CUDA-only in 0.16.1), so the trunk
+    starts on this rank's slice."""
 
-    def __init__(self, inner: nn.Module, scatter_sequence: bool = False) -> None:
-        super().__init__(inner)
+    def __init__(self, *args, scatter_sequence: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.scatter_sequence = scatter_sequence
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.scatter_sequence:
-            return self.inner(ids)
-        emb = self.inner  # the same masked lookup as VocabParallelEmbedding.forward
-        outside = (ids < emb.vocab_start_index) | (ids >= emb.vocab_end_index)
-        local = torch.where(outside, torch.zeros_like(ids), ids - emb.vocab_start_index)
-        partial = torch.nn.functional.embedding(local, emb.weight)
+            return super().forward(ids)
+        # the same masked lookup as VocabParallelEmbedding.forward, then our collective
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start_index)
+        partial = torch.nn.functional.embedding(local, self.weight)
         partial = partial.masked_fill(outside[..., None], 0.0)
-        return reduce_scatter_sequence(partial, emb.tp_group)
+        return reduce_scatter_sequence(partial, self.tp_group)
 
 
 class MegatronLayers:
@@ -137,9 +120,6 @@ class MegatronLayers:
         dtype: torch.dtype = torch.float32,
         sequence_parallel: bool = False,
     ) -> None:
-        from megatron.core import parallel_state
-        from megatron.core.model_parallel_config import ModelParallelConfig
-
         self.init_std = init_std
         self.group = parallel_state.get_tensor_model_parallel_group()
         self.world = dist.get_world_size(self.group)
@@ -164,9 +144,7 @@ class MegatronLayers:
         nn.init.normal_(weight, mean=0.0, std=self.init_std)
 
     def column(self, in_features: int, out_features: int) -> nn.Module:
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
-        layer = ColumnParallelLinear(
+        layer = (_SequenceGatheredColumn if self.sequence_parallel else _Column)(
             in_features,
             out_features,
             config=self.config,
@@ -176,12 +154,10 @@ class MegatronLayers:
             # the gathering norm's backward already sums the input gradient over the group
             disable_grad_reduce=self.sequence_parallel,
         )
-        return (_SequenceGatheredColumn if self.sequence_parallel else _TensorOut)(layer)
+        return layer
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
-        from megatron.core.tensor_parallel import RowParallelLinear
-
-        layer = RowParallelLinear(
+        return (_SequenceScatteringRow if self.sequence_parallel else _Row)(
             in_features,
             out_features,
             config=self.config,
@@ -190,18 +166,15 @@ class MegatronLayers:
             input_is_parallel=True,
             skip_bias_add=False,
         )
-        return (_SequenceScatteringRow if self.sequence_parallel else _TensorOut)(layer)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
-        from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-        layer = VocabParallelEmbedding(
+        return _VocabEmbedding(
             vocab_size,
             dim,
             init_method=self._init,
             config=self.config,
+            scatter_sequence=self.sequence_parallel,
         )
-        return _VocabEmbedding(layer, scatter_sequence=self.sequence_parallel)
 
     def norm(self, dim: int, eps: float) -> nn.Module:
         return GatheringNorm(dim, eps, self.group) if self.sequence_parallel else RMSNorm(dim, eps)
@@ -214,8 +187,6 @@ class MegatronLayers:
         self, logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token CE, per-token correct) from this rank's vocab shard (N, V/tp)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         valid = labels != IGNORE_INDEX
         safe = torch.where(valid, labels, torch.zeros_like(labels))
@@ -239,37 +210,36 @@ def vocab_parallel_argmax(shard: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(all_index).gather(0, winner[None])[0]
 
 
-# -- full <-> shard ---------------------------------------------------------------------------
-def unwrap_name(local_name: str) -> str:
-    """A name under MegatronLayers' wrappers -> the MTPModel name (`inner` removed)."""
-    return local_name.replace("__inner__", "__").replace(".inner.", ".")
-
-
+# -- full -> shard ----------------------------------------------------------------------------
 @torch.no_grad()
 def load_initial_params(
     model: nn.Module,
     stream: Iterable[tuple[str, torch.Tensor]],
+    table: ParamTable,
     tp_rank: int,
     tp_size: int,
-    sharded: set[str],
 ) -> None:
-    """Copy this rank's part of each (MTPModel name, full tensor) of `stream` into `model`
-    (local names: Megatron wrappers' `inner` removed), one parameter at a time (the stream
-    builds one layer at a time), so no rank ever holds the full model. `sharded` names the
-    local parameters that are tensor-parallel shards (a head-parallel model keeps its head
-    layers whole); parameters this rank does not hold (other stages', other ranks' heads) are
-    skipped. Every local parameter must be covered."""
-    own = {unwrap_name(n): (n, p) for n, p in model.named_parameters()}
+    """Copy this rank's part of each (canonical name, full tensor) of `stream` into `model`, one
+    parameter at a time (the stream builds one layer at a time), so no rank ever holds the full
+    model. A local parameter whose shape is smaller than its full shape (`table`) is this rank's
+    tensor-parallel slice along the table's split dimension; parameters this rank does not hold
+    (other stages', other ranks' heads) are skipped. Every local parameter must be covered."""
+    own = dict(model.named_parameters())
     filled = set()
-    for full_name, tensor in stream:
-        if full_name not in own:
+    for name, tensor in stream:
+        param = own.get(name)
+        if param is None:
             continue
-        local_name, param = own[full_name]
-        dim = split_dim(full_name)
-        if dim is not None and tp_size > 1 and local_name in sharded:
+        if tuple(param.shape) != tuple(tensor.shape):
+            dim = table[name].split_dim
+            if dim is None or tensor.shape[dim] != param.shape[dim] * tp_size:
+                raise ValueError(
+                    f"{name}: local shape {tuple(param.shape)} is not a 1/{tp_size} slice of "
+                    f"{tuple(tensor.shape)}"
+                )
             tensor = tensor.chunk(tp_size, dim=dim)[tp_rank]
         param.copy_(tensor)
-        filled.add(full_name)
+        filled.add(name)
     missing = sorted(set(own) - filled)
     if missing:
         raise KeyError(f"no initial value for parameters {missing[:3]}...")

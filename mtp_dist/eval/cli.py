@@ -30,7 +30,7 @@ def _ks(text: str) -> tuple[int, ...]:
 def _mlflow_log(uri: str, run_name: str, report: dict, out: Path) -> None:
     import mlflow
 
-    from ..training.tracking import use_mlflow
+    from ..tracking import use_mlflow
 
     use_mlflow(uri, "mtp_dist", out.parent / "mlartifacts")
     with mlflow.start_run(run_name=run_name, tags={"kind": "eval"}):
@@ -69,8 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         import torch
 
+        from ..checkpoint import load_for_inference, resolve_checkpoint
         from ..inference import Generator
-        from ..training.checkpoint import load_for_inference, resolve_checkpoint
 
         torch.set_num_threads(args.threads)
         ckpt = resolve_checkpoint(args.checkpoint)

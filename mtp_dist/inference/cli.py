@@ -23,7 +23,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..training.checkpoint import load_for_inference
+    from ..checkpoint import load_for_inference
     from .generate import GenerationConfig, Generator
 
     torch.set_num_threads(args.threads)

@@ -4,7 +4,8 @@
 unembedding DIRECTLY (flattened names such as `head2__attn__wq__weight`), and runs them through
 `torch.func.functional_call` on parameter-free "template" modules. Owning them directly is what
 lets DeepSpeed ZeRO-3 gather them around this module's forward and backward
-(docs/sequential_heads.md; FACTS.md: with the parameters in submodules ZeRO-3 failed).
+(docs/sequential_heads.md: with the parameters in submodules, ZeRO-3 hands the loss size-0
+partitions).
 
 Loss implementations (`loss_impl`):
 - "naive": all heads in one autograd graph; every head's logits stay alive until backward.
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from .layers import IGNORE_INDEX, Block, LayerFactory, Unembedding
+from .layers import IGNORE_INDEX
+from .params import Owner, heads_member_name
 
 
 class LossOutput(NamedTuple):
@@ -55,48 +57,67 @@ def shift_labels(labels: torch.Tensor, offset: int, length: int) -> torch.Tensor
     return out
 
 
-def flat_name(prefix: str, path: str) -> str:
-    """A head-module parameter path -> its flat name in MultiTokenHeads."""
-    return f"{prefix}__{path.replace('.', '__')}"
+class HeadReduction(Protocol):
+    """What heads held on different ranks share, summed over those ranks (head parallelism).
+    In one process nothing is held elsewhere: `LocalHeads` is the identity."""
+
+    def reduce_hidden_grad(self, grad_h: torch.Tensor) -> torch.Tensor:
+        """Sum the trunk-output gradient over the ranks whose heads contributed."""
+
+    def reduce_shared_grads(self, grads: list[torch.Tensor]) -> None:
+        """Sum (in place) the shared final norm + unembedding gradients over those ranks."""
+
+
+class LocalHeads:
+    """Every head in this process: nothing to reduce."""
+
+    def reduce_hidden_grad(self, grad_h: torch.Tensor) -> torch.Tensor:
+        return grad_h
+
+    def reduce_shared_grads(self, grads: list[torch.Tensor]) -> None:
+        pass
 
 
 class MultiTokenHeads(nn.Module):
     def __init__(
         self,
+        blocks: dict[int, nn.Module],
+        unembed: nn.Module,
         *,
         n_future: int,
-        d_model: int,
-        n_attn_heads: int,
-        ffn_hidden: int,
-        vocab_size: int,
-        eps: float,
-        layers: LayerFactory,
+        token_loss,
         loss_impl: str = "sequential",
         pad_id: int = -1,
+        reduction: HeadReduction | None = None,
     ) -> None:
+        """`blocks`: head index -> that head's layer, for the heads this module holds (all n,
+        except under head parallelism); `unembed`: the shared final norm + unembedding. Their
+        parameters are adopted under flat names; the modules become parameter-free templates."""
         super().__init__()
+        if not blocks:
+            raise ValueError("MultiTokenHeads needs at least one head")
         self.n_future = n_future
         self.pad_id = pad_id
         self.loss_impl = loss_impl
-        self._token_loss = layers.token_loss
-        blocks = [Block(d_model, n_attn_heads, ffn_hidden, eps, layers) for _ in range(n_future)]
-        unembed = Unembedding(d_model, vocab_size, eps, layers)
-        # (template path, flat parameter name) per head, and for the shared unembedding.
-        self.head_param_names: list[list[tuple[str, str]]] = [
-            self._adopt(f"head{i}", block) for i, block in enumerate(blocks)
-        ]
-        self.shared_param_names: list[tuple[str, str]] = self._adopt("unembed", unembed)
+        self._token_loss = token_loss
+        self.reduction: HeadReduction = reduction or LocalHeads()
+        # Which heads this module runs (all n in one process, a subset per head-parallel rank).
+        self.head_ids: tuple[int, ...] = tuple(sorted(blocks))
+        # (template path, flat parameter name) per held head, and for the shared unembedding.
+        self.head_param_names: dict[int, list[tuple[str, str]]] = {
+            i: self._adopt(Owner("head", i), block) for i, block in sorted(blocks.items())
+        }
+        self.shared_param_names: list[tuple[str, str]] = self._adopt(Owner("unembed"), unembed)
         # Parameter-free templates, hidden from module registration (object.__setattr__), so
         # that .to(), state_dict() and ZeRO never see them; functional_call supplies weights.
-        object.__setattr__(self, "_block_template", copy.deepcopy(blocks[0]).to("meta"))
+        first = blocks[self.head_ids[0]]
+        object.__setattr__(self, "_block_template", copy.deepcopy(first).to("meta"))
         object.__setattr__(self, "_unembed_template", copy.deepcopy(unembed).to("meta"))
-        # Which heads this module runs; the head-parallel layer narrows it per rank.
-        self.head_ids: tuple[int, ...] = tuple(range(n_future))
 
-    def _adopt(self, prefix: str, module: nn.Module) -> list[tuple[str, str]]:
+    def _adopt(self, owner: Owner, module: nn.Module) -> list[tuple[str, str]]:
         names = []
         for path, param in module.named_parameters():
-            flat = flat_name(prefix, path)
+            flat = heads_member_name(owner, path)
             self.register_parameter(flat, param)
             names.append((path, flat))
         return names
@@ -163,20 +184,13 @@ class MultiTokenHeads(nn.Module):
             losses = losses.detach()
         return LossOutput(total, losses, correct, counts, self.head_ids)
 
-    def reduce_hidden_grad(self, grad_h: torch.Tensor) -> torch.Tensor:
-        """Hook for head parallelism: sum the trunk-output gradient over the ranks whose heads
-        contributed. Identity in one process."""
-        return grad_h
-
-    def reduce_shared_grads(self, grads: list[torch.Tensor]) -> None:
-        """Hook for head parallelism: sum (in place) the shared final norm + unembedding
-        gradients over the ranks whose heads contributed. No-op in one process."""
-
 
 class _SequentialHeadLoss(torch.autograd.Function):
     """forward: per-head forward + autograd.grad, accumulating gradients; backward: hand them out.
 
-    Each parameter receives its gradient exactly once per backward (FACTS.md: what ZeRO 2/3 need).
+    Each parameter receives its gradient exactly once per backward: ZeRO-2 refuses a gradient
+    reduced twice for one partition, and ZeRO-3 holds the full weights only during this module's
+    forward and backward (docs/sequential_heads.md).
     The gradients are exact for a backward of the returned total with any scalar grad_output.
     """
 
@@ -201,8 +215,8 @@ class _SequentialHeadLoss(torch.autograd.Function):
                 losses.append(loss.detach())
                 corrects.append(correct)
                 counts.append(count)
-        grad_h = heads.reduce_hidden_grad(grad_h)
-        heads.reduce_shared_grads([grads[n] for n in shared if n in grads])
+        grad_h = heads.reduction.reduce_hidden_grad(grad_h)
+        heads.reduction.reduce_shared_grads([grads[n] for n in shared if n in grads])
         ctx.grad_names = [n for n in names if n in grads]
         ctx.param_slots = [names.index(n) for n in ctx.grad_names]
         ctx.n_params = len(names)

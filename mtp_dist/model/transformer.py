@@ -9,12 +9,38 @@ t+i; the loss is the plain sum of the n cross-entropies. n = 1 is the ordinary n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .heads import LossOutput, MultiTokenHeads
-from .layers import Block, LayerFactory, LocalLayers, rotary_tables
+from .heads import HeadReduction, LossOutput, MultiTokenHeads
+from .layers import Block, LayerFactory, LocalLayers, Unembedding, rotary_tables
+from .params import Owner, ParamSpec, ParamTable, canonical_name
+
+
+def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFactory], nn.Module]]]:
+    """(owner, builder) of each part of the model, in the order it is built: the embedding, the
+    trunk layers, the n head layers, the shared final norm + unembedding. MTPModel's constructor
+    and the initialisation replay (init.py) both walk this list, so every random draw of the
+    default initialisation happens in the same order in both."""
+
+    def block(layers: LayerFactory) -> nn.Module:
+        return Block(cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, layers)
+
+    plan: list[tuple[Owner, Callable[[LayerFactory], nn.Module]]] = [
+        (Owner("embed"), lambda layers: layers.embedding(cfg.vocab_size, cfg.d_model))
+    ]
+    plan += [(Owner("trunk", k), block) for k in range(cfg.trunk_layers)]
+    plan += [(Owner("head", i), block) for i in range(cfg.n_future)]
+    plan.append(
+        (
+            Owner("unembed"),
+            lambda layers: Unembedding(cfg.d_model, cfg.vocab_size, cfg.norm_eps, layers),
+        )
+    )
+    return plan
 
 
 class MTPModel(nn.Module):
@@ -23,29 +49,39 @@ class MTPModel(nn.Module):
         cfg: ModelConfig,
         layers: LayerFactory | None = None,
         head_layers: LayerFactory | None = None,
+        head_ids: Sequence[int] | None = None,
+        head_reduction: HeadReduction | None = None,
     ) -> None:
         """`layers` builds every layer; `head_layers`, if given, the heads and the shared
-        unembedding instead (head parallelism keeps them whole under a tensor-parallel trunk)."""
+        unembedding instead (head parallelism keeps them whole under a tensor-parallel trunk).
+        `head_ids` (default: all) are the heads this model holds and runs, and
+        `head_reduction` sums what they share with the heads held elsewhere (head
+        parallelism; the model itself knows no process group)."""
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (normally from the tokenizer)")
         layers = layers or LocalLayers(cfg.init_std)
         self.cfg = cfg
-        self.embed = layers.embedding(cfg.vocab_size, cfg.d_model)
-        self.trunk = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, layers)
-            for _ in range(cfg.trunk_layers)
-        )
+        held = set(range(cfg.n_future) if head_ids is None else head_ids)
+        trunk, blocks, unembed = [], {}, None
+        for owner, build in construction_plan(cfg):
+            if owner.kind == "embed":
+                self.embed = build(layers)
+            elif owner.kind == "trunk":
+                trunk.append(build(layers))
+            elif owner.kind == "head" and owner.index in held:
+                blocks[owner.index] = build(head_layers or layers)
+            elif owner.kind == "unembed":
+                unembed = build(head_layers or layers)
+        self.trunk = nn.ModuleList(trunk)
         self.heads = MultiTokenHeads(
+            blocks,
+            unembed,
             n_future=cfg.n_future,
-            d_model=cfg.d_model,
-            n_attn_heads=cfg.n_attn_heads,
-            ffn_hidden=cfg.ffn_width,
-            vocab_size=cfg.vocab_size,
-            eps=cfg.norm_eps,
-            layers=head_layers or layers,
+            token_loss=(head_layers or layers).token_loss,
             loss_impl=cfg.loss_impl,
             pad_id=cfg.pad_id,
+            reduction=head_reduction,
         )
         cos, sin = rotary_tables(cfg.d_model // cfg.n_attn_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -89,3 +125,46 @@ def split_window(window: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torc
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class _RoleRecorder(LocalLayers):
+    """LocalLayers that remember which factory method made each parameter (its role)."""
+
+    def __init__(self, init_std: float) -> None:
+        super().__init__(init_std)
+        self.roles: dict[nn.Parameter, str] = {}
+
+    def _made(self, module: nn.Module, role: str) -> nn.Module:
+        for param in module.parameters():
+            self.roles[param] = role
+        return module
+
+    def column(self, in_features: int, out_features: int) -> nn.Module:
+        return self._made(super().column(in_features, out_features), "column")
+
+    def row(self, in_features: int, out_features: int) -> nn.Module:
+        return self._made(super().row(in_features, out_features), "row")
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return self._made(super().embedding(vocab_size, dim), "embedding")
+
+    def norm(self, dim: int, eps: float) -> nn.Module:
+        return self._made(super().norm(dim, eps), "norm")
+
+    def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
+        return self._made(super().unembedding(dim, vocab_size), "unembedding")
+
+
+def parameter_table(cfg: ModelConfig) -> ParamTable:
+    """The model's parameter table (params.py), read off the model built on the meta device:
+    names and shapes from its modules, roles from the layer factory calls that made them."""
+    recorder = _RoleRecorder(cfg.init_std)
+    specs = []
+    with torch.device("meta"):
+        for owner, build in construction_plan(cfg):
+            for path, param in build(recorder).named_parameters():
+                name = canonical_name(owner, path)
+                specs.append(
+                    ParamSpec(name, tuple(param.shape), owner, path, recorder.roles[param])
+                )
+    return ParamTable(specs)

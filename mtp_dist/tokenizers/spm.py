@@ -1,6 +1,7 @@
 """SentencePiece BPE tokenizer for code, and the function that trains it.
 
-Training settings follow docs/FACTS.md for code: byte fallback (no <unk> for any valid text),
+Training settings for code (docs/data.md; measured ~3.5-3.8 bytes/token on Python with an exact
+round trip): byte fallback (no <unk> for any valid text),
 identity normalisation, whitespace kept verbatim (indentation pieces like "▁▁▁▁"), digits
 split. Ids: <unk>=0, BOS <s>=1, EOS </s>=2, PAD <pad>=3, and "\n"=4.
 

@@ -1,4 +1,4 @@
-"""Training: the loop, engines, checkpoints, tracking."""
+"""Training: the loop, engines, tracking (the checkpoint format is mtp_dist.checkpoint)."""
 
 from .engine import LocalEngine, StepMetrics, TrainEngine
 from .runtime import Runtime

@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..checkpoint import load_file
 from ..config import TrainConfig
 from ..model import MTPModel, split_window
-from .checkpoint import load_file
 
 
 @dataclass
@@ -79,26 +79,58 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# -- the precision rule and the metrics reduction, shared by every engine --------------------
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 (autocast, or DeepSpeed's bf16 mode) for 'bf16', and for 'auto' on a GPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """Parameter (master weight) dtype: float64 for 'fp64' (tests), float32 otherwise."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
 def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast on GPU ('auto' or 'bf16'); full precision otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast where `uses_bf16`; full precision otherwise."""
+    if uses_bf16(precision, device):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
+@dataclass
+class HeadTotals:
+    """Per-head sums over a step's micro-batches: mean loss, correct and counted tokens, for
+    the heads `head_ids` (float64 tensors of shape (len(head_ids),))."""
+
+    head_ids: tuple[int, ...]
+    head_losses: torch.Tensor
+    head_correct: torch.Tensor
+    head_counts: torch.Tensor
+
+    @classmethod
+    def of(cls, outputs) -> HeadTotals:
+        """From the LossOutputs of a step's micro-batches (each loss a per-micro-batch mean)."""
+        k = len(outputs)
+        return cls(
+            tuple(outputs[0].head_ids),
+            sum(o.head_losses.double() for o in outputs) / k,
+            sum(o.head_correct.double() for o in outputs),
+            sum(o.head_counts.double() for o in outputs),
+        )
+
+    def metrics(self, tokens: int) -> StepMetrics:
+        losses = self.head_losses
+        return StepMetrics(
+            loss=float(losses.sum()),
+            head_losses=losses.tolist(),
+            head_accuracy=(self.head_correct / self.head_counts.clamp(min=1)).tolist(),
+            tokens=tokens,
+        )
+
+
 def summarize(outputs, tokens: int) -> StepMetrics:
     """Average LossOutputs of several micro-batches into StepMetrics."""
-    k = len(outputs)
-    losses = sum(o.head_losses.double() for o in outputs) / k
-    correct = sum(o.head_correct.double() for o in outputs)
-    counts = sum(o.head_counts.double() for o in outputs).clamp(min=1)
-    return StepMetrics(
-        loss=float(losses.sum()),
-        head_losses=losses.tolist(),
-        head_accuracy=(correct / counts).tolist(),
-        tokens=tokens,
-    )
+    return HeadTotals.of(outputs).metrics(tokens)
 
 
 class LocalEngine:
@@ -108,9 +140,7 @@ class LocalEngine:
         self.cfg = cfg
         self.seq_len = seq_len
         self.device = resolve_device(cfg.device)
-        if cfg.precision == "fp64":
-            model = model.double()
-        self.model = model.to(self.device)
+        self.model = model.to(self.device, param_dtype(cfg.precision))
         self.autocast = autocast_for(cfg.precision, self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay),

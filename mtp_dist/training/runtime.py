@@ -24,6 +24,10 @@ class Runtime:
         """Sum over all ranks (for throughput and stop flags)."""
         return values
 
+    def gather_objects(self, obj) -> list:
+        """One object per data-parallel rank, index = data-parallel rank."""
+        return [obj]
+
     def barrier(self) -> None:
         pass
 

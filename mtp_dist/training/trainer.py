@@ -8,10 +8,12 @@ holds the engine state, the data readers' positions, the RNG states and the step
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import checkpoint as ckpt
 from ..config import RunConfig, load_config, to_yaml
-from . import checkpoint as ckpt
+from ..tracking import make_tracker
 from .data import make_loaders, prepare_shards, prepare_tokenizer
 from .engine import StepMetrics
 from .plot import plot_head_losses
 from .runtime import Runtime
-from .tracking import make_tracker
 
 
 class TrainingAborted(RuntimeError):
@@ -38,6 +40,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def stop_signals(handler, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    """Route `signals` to `handler` while training; the previous handlers come back after."""
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
     out = {f"{prefix}/loss": m.loss}
     for i, (loss, acc) in enumerate(zip(m.head_losses, m.head_accuracy), start=1):
@@ -48,6 +80,9 @@ def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, runtime: Runtime | None = None, resume: bool = False):
+        # A copy: the vocabulary and pad id below come from the tokenizer, and the caller's
+        # config stays as the caller made it. `self.cfg` is the resolved one the run uses.
+        cfg = copy.deepcopy(cfg)
         self.cfg = cfg
         self.runtime = runtime or Runtime()
         self.run_dir = Path(cfg.run_dir)
@@ -98,7 +133,7 @@ class Trainer:
         self.train_loader.load_state_dict(position, strict=same_layout)
         if not same_layout and self.runtime.is_main:
             print(f"data-parallel size {len(positions)} -> {self.runtime.dp_size}: elastic resume")
-        ckpt.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if self.runtime.is_main:
             self._truncate_metrics(self.step)
             print(f"resumed from {path} at step {self.step}")
@@ -125,7 +160,7 @@ class Trainer:
                 "history": self.history,
                 "val_history": self.val_history,
                 "data": data_states,
-                "rng": ckpt.rng_state(),
+                "rng": rng_state(),
             }
             ckpt.write_common(tmp, self.cfg, self.tokenizer, state)
         rt.barrier()
@@ -136,9 +171,7 @@ class Trainer:
 
     def _gather_data_states(self) -> list[dict]:
         """Reader positions of every data-parallel rank (rank r's at index r)."""
-        gather = getattr(self.runtime, "gather_objects", None)
-        state = self.train_loader.state_dict()
-        return gather(state) if gather else [state]
+        return self.runtime.gather_objects(self.train_loader.state_dict())
 
     # -- the loop ---------------------------------------------------------------------------
     def evaluate(self) -> StepMetrics | None:
@@ -172,8 +205,11 @@ class Trainer:
         if rt.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
+        with stop_signals(self._request_stop):
+            return self._loop(last_step, tracker)
+
+    def _loop(self, last_step: int, tracker) -> list[dict]:
+        cfg, rt = self.cfg.train, self.runtime
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.is_main, unit="step")
         data = iter(self.train_loader)
         status = "FAILED"

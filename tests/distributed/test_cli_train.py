@@ -12,7 +12,7 @@ import pytest
 import torch
 from layouts import free_port
 
-from mtp_dist.training.checkpoint import load_for_inference
+from mtp_dist.checkpoint import load_for_inference
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]

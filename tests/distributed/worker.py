@@ -40,15 +40,16 @@ def make_config(spec: dict, job: dict):
 
 
 def gathered(engine, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-rank {local name: tensor} -> full MTPModel tensors (TP joined; heads and stages
-    merged) on every rank."""
-    from mtp_dist.distributed.tensor_parallel import split_dim
+    """Per-rank {canonical name: local tensor} -> full tensors (TP joined along the parameter
+    table's split dimension; heads and stages merged) on every rank."""
+    from mtp_dist.model import parameter_table
 
+    table = parameter_table(engine.cfg.model)
+    sharded = {n for n, p in engine.named_parameters() if engine.is_sharded(p)}
     mine = {}
-    for local, value in values.items():
-        full = engine.full_param_name(local)
-        mine[full] = (value.detach().double().cpu(), engine.topo.coord(engine.rank).model,
-                      engine.is_sharded(local))  # fmt: skip
+    for name, value in values.items():
+        mine[name] = (value.detach().double().cpu(), engine.topo.coord(engine.rank).model,
+                      name in sharded)  # fmt: skip
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     out: dict[str, dict[int, tuple]] = {}
@@ -59,7 +60,8 @@ def gathered(engine, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for name, by_rank in out.items():
         first = next(iter(by_rank.values()))
         if first[1]:
-            merged[name] = torch.cat([by_rank[r][0] for r in sorted(by_rank)], dim=split_dim(name))
+            dim = table[name].split_dim
+            merged[name] = torch.cat([by_rank[r][0] for r in sorted(by_rank)], dim=dim)
         else:
             merged[name] = first[0]
     return merged
@@ -69,7 +71,7 @@ def local_grads(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_grad
 
     out = {}
-    for name, p in engine.engine.module.named_parameters():
+    for name, p in engine.named_parameters():
         g = safe_get_full_grad(p)
         out[name] = torch.zeros_like(p) if g is None else g
     return out
@@ -78,8 +80,22 @@ def local_grads(engine) -> dict[str, torch.Tensor]:
 def local_params(engine) -> dict[str, torch.Tensor]:
     from mtp_dist.distributed.checkpointing import full_params
 
-    inverse = {engine.full_param_name(n): n for n, _ in engine.engine.module.named_parameters()}
-    return {inverse[k]: v for k, v in full_params(engine).items()}
+    return full_params(engine)
+
+
+def capture_first_gradients(engine, into: dict) -> None:
+    """Record the first step's gradients (before clipping) into `into`. DeepSpeed's engine
+    clips and steps in `_take_model_step`, for the plain and the pipeline schedule alike; the
+    test wraps that private method of this one engine instance (test code, not production)."""
+    ds = engine.engine
+    take_step = ds._take_model_step
+
+    def probe(*args, **kwargs):
+        if not into:
+            into.update(gathered(engine, local_grads(engine)))
+        return take_step(*args, **kwargs)
+
+    ds._take_model_step = probe
 
 
 def my_rows(batch: torch.Tensor, engine) -> torch.Tensor:
@@ -107,7 +123,7 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
         return {"name": job["name"], "resumed": resumed}
     engine = runtime.build_engine(cfg)
     grads: dict = {}
-    engine.before_step = lambda e: grads.update(gathered(e, local_grads(e))) if not grads else None
+    capture_first_gradients(engine, grads)
     run_dir = Path(job["run_dir"])
     losses, norms = [], []
     for s in range(steps):
@@ -136,15 +152,15 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
             resumed.append(fresh.train_step(micro).head_losses)
         result["resumed"] = resumed
         if rank == 0:
-            from mtp_dist.distributed.checkpointing import consolidate
+            from mtp_dist.checkpoint import consolidate
 
             out = consolidate(run_dir / "ckpt", run_dir / "consolidated")
             result["consolidated"] = torch.load(out / "model.pt")
     if job.get("nan_check"):  # a non-finite loss: every rank skips, nothing is stepped
         before = engine.engine.global_steps
         with torch.no_grad():
-            for name, param in engine.engine.module.named_parameters():
-                if engine.full_param_name(name) == "embed.weight":
+            for name, param in engine.named_parameters():
+                if name == "embed.weight":
                     param.fill_(float("nan"))
         m = engine.train_step([my_rows(batches[k], engine) for k in range(gas)])
         result["nan"] = {"skipped": m.skipped, "why": m.extra.get("why"),

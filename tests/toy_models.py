@@ -1,9 +1,10 @@
-"""Small trained MTP models in seconds, for decoding tests and the CLI/eval smoke tests.
+"""Test fixtures: small trained MTP models in seconds, for decoding tests and the CLI/eval smoke
+tests.
 
 A random model's extra heads never agree with head 1, so speculative decoding would only ever
 take its rejection path; a few hundred AdamW steps on real code give heads whose drafts are
 accepted often but not always — the mix the exactness tests need. `save_checkpoint` writes
-the checkpoint layout of mtp_dist.training (config.yaml, model.pt, tokenizer/, complete.json),
+the checkpoint layout of mtp_dist.checkpoint (config.yaml, model.pt, tokenizer/, complete.json),
 so `load_for_inference` and the CLIs read it like a trained run.
 """
 
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataConfig, ModelConfig, RunConfig
-from ..model import MTPModel
-from ..training import checkpoint as ckpt
+from mtp_dist import checkpoint as ckpt
+from mtp_dist.config import DataConfig, ModelConfig, RunConfig
+from mtp_dist.model import MTPModel, parameter_table
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -115,7 +116,7 @@ def save_checkpoint(model: MTPModel, tokenizer, run_dir: str | Path, step: int =
     tmp = ckpt.staging_dir(run_dir, step)
     torch.save(model.state_dict(), tmp / "model.pt")
     ckpt.write_common(tmp, cfg, tokenizer, {"step": step})
-    return ckpt.publish(tmp, step, keep_last=1, meta={"source": "mtp_dist.inference.toy"})
+    return ckpt.publish(tmp, step, keep_last=1, meta={"source": "tests/toy_models.py"})
 
 
 def first_heads(model: MTPModel, n: int) -> MTPModel:
@@ -125,11 +126,11 @@ def first_heads(model: MTPModel, n: int) -> MTPModel:
         **{**model.cfg.__dict__, "n_future": n, "n_layers": model.cfg.trunk_layers + n}
     )
     small = MTPModel(cfg)
-    heads = {f"head{i}__" for i in range(n)}
+    table = parameter_table(model.cfg)
     state = {
         k: v
         for k, v in model.state_dict().items()
-        if not k.startswith("heads.head") or k[len("heads.") :].startswith(tuple(heads))
+        if table[k].owner.kind != "head" or table[k].owner.index < n
     }
     small.load_state_dict(state)
     return small.to(next(model.parameters()).dtype).eval()

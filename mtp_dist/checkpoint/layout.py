@@ -1,7 +1,12 @@
-"""Checkpoints: written atomically, found by their completion marker, pruned to the last k.
+"""The checkpoint format: written atomically, found by their completion marker, pruned to the
+last k. Training writes checkpoints, inference / eval / export read them; all of them go
+through this package, which imports nothing of training or distributed.
 
 Layout of one checkpoint directory `<run_dir>/checkpoints/step_00000100/`:
-    model.pt, optimizer.pt   the engine's files (a DeepSpeed engine writes its own instead)
+    model.pt, optimizer.pt   the local engine's files: model.pt maps canonical parameter names
+                             (mtp_dist/model/params.py) to tensors
+    deepspeed/, model_shards/, layout.json
+                             a distributed engine's files instead (shards.py)
     trainer.pt               step, data-reader positions, RNG states, bad-step counter
     config.yaml              the resolved RunConfig
     tokenizer/               the tokenizer the model was trained with
@@ -14,22 +19,20 @@ crash mid-write leaves either the previous checkpoints or a `.tmp-*` directory t
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ..config import RunConfig, load_config, to_yaml
+from ..config import RunConfig, to_yaml
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MARKER = "complete.json"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, incomplete, corrupt or does not fit: one line, naming it."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -75,25 +78,6 @@ def publish(tmp: Path, step: int, keep_last: int, meta: dict) -> Path:
     return final
 
 
-def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def write_common(tmp: Path, cfg: RunConfig, tokenizer, trainer_state: dict) -> None:
     """Everything besides the engine's own files."""
     (tmp / "config.yaml").write_text(to_yaml(cfg))
@@ -137,21 +121,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise CheckpointError(f"no complete checkpoint at {path}")
     return latest
-
-
-def load_for_inference(path: str | Path, tokenizer_dir: str | Path | None = None, device="cpu"):
-    """(model in eval mode, tokenizer) from a single-process or consolidated checkpoint."""
-    from ..model import MTPModel
-    from ..tokenizers import load_tokenizer
-
-    ckpt = resolve_checkpoint(path)
-    if not (ckpt / "model.pt").is_file():
-        raise CheckpointError(
-            f"{ckpt} holds a sharded checkpoint; run `mtp checkpoint consolidate` first"
-        )
-    cfg = load_config(ckpt / "config.yaml")
-    tokenizer = load_tokenizer(tokenizer_dir or ckpt / "tokenizer")
-    check_tokenizer(cfg, tokenizer, ckpt)
-    model = MTPModel(cfg.model)
-    model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu"))
-    return model.to(device).eval(), tokenizer

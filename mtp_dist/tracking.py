@@ -1,7 +1,8 @@
 """MLflow tracking (rank 0 only) behind a tiny interface; `NullTracker` when tracking is off.
 
 URI precedence: config `tracking.uri` > env MLFLOW_TRACKING_URI > sqlite:///<run_dir>/mlflow.db
-(MLflow 3 refuses the plain file store, FACTS.md). A resumed run continues its MLflow run: the run
+(MLflow 3 refuses the plain file store: "maintenance mode"
+unless MLFLOW_ALLOW_FILE_STORE=true). A resumed run continues its MLflow run: the run
 id is kept in <run_dir>/mlflow_run_id.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..config import RunConfig, to_flat_dict
+from .config import RunConfig, to_flat_dict
 
 
 class NullTracker:
