@@ -5,8 +5,9 @@
 Same model, same prompts, one run: every prompt is decoded by plain greedy and by
 self-speculative decoding (alternately, best of --repeats each, so that load from other
 processes hits both alike), alone and in batches of --batch prompts of different lengths.
-Prompts are the openings of held-out Python files — by default CPython's own test suite, which
-the stdlib training corpus leaves out (data_pipeline.STDLIB_EXCLUDE). Reports tokens per forward,
+Prompts are the openings of held-out Python files — by default CPython's own test suite (its
+test_*.py), which the stdlib training corpus leaves out (data_pipeline.STDLIB_EXCLUDE); with
+--files DIR, every .py file under DIR (recursively, in sorted order). Reports tokens per forward,
 acceptance rate per head position, speedup, efficiency = speedup / tokens per forward (the
 paper: 3.05 / 3.50 = 0.87), and whether every output equals plain greedy. The last line printed
 is one JSON object.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -27,6 +29,24 @@ from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
 from mtp_dist.inference import Decoder, Stopper
 
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
+MIN_TOKENS = 16
+"""Files shorter than this (in tokens) make no prompt."""
+
+
+def held_out_files(directory: str | None) -> list[Path]:
+    """CPython's test_*.py by default; else every .py file under `directory`, sorted. Exits
+    with one line on stderr if there are none."""
+    if directory is None:
+        root, kind = HELD_OUT, "test_*.py"
+        files = sorted(root.glob(kind))
+    else:
+        root, kind = Path(directory), ".py"
+        files = sorted(p for p in root.rglob("*.py") if p.is_file())
+    if not root.is_dir():
+        sys.exit(f"speculative.py: no usable .py files in {root}: it is not a directory")
+    if not files:
+        sys.exit(f"speculative.py: no usable .py files in {root}: it contains no {kind} file")
+    return files
 
 
 def held_out_prompts(tokenizer, files: list[Path], count: int, tokens: int) -> list[list[int]]:
@@ -35,7 +55,7 @@ def held_out_prompts(tokenizer, files: list[Path], count: int, tokens: int) -> l
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         ids = tokenizer.encode(text)[:tokens]
-        if len(ids) >= 16:
+        if len(ids) >= MIN_TOKENS:
             prompts.append([tokenizer.eos_id] + ids[: tokens - 8 * (len(prompts) % 4)])
         if len(prompts) == count:
             break
@@ -98,7 +118,11 @@ def compare(dec: Decoder, groups: list[list[list[int]]], args, eos: int) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
-    p.add_argument("--files", default=str(HELD_OUT), help="directory of held-out .py files")
+    p.add_argument(
+        "--files",
+        default=None,
+        help="directory of held-out files: every .py under it (default: CPython's test_*.py)",
+    )
     p.add_argument("--prompts", type=int, default=16, help="number of prompts")
     p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (tokens)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
@@ -108,12 +132,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args()
+    if args.prompt_tokens < MIN_TOKENS:
+        p.error(f"--prompt-tokens must be at least {MIN_TOKENS}")
+    files = held_out_files(args.files)  # before the model loads: a wrong DIR fails at once
 
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
     model, tok = load_for_inference(ckpt, device=args.device)
-    files = sorted(Path(args.files).glob("test_*.py"))
     prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
+    if not prompts:
+        sys.exit(
+            f"speculative.py: no usable .py files in {args.files or HELD_OUT}: all {len(files)}"
+            f" are shorter than {MIN_TOKENS} tokens"
+        )
     dec = Decoder(model, vocab_limit=tok.vocab_size)
     compare(dec, [prompts[:2]], argparse.Namespace(**{**vars(args), "repeats": 1}), tok.eos_id)
 

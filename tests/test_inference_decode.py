@@ -124,6 +124,15 @@ def test_context_end_and_budget_identical():
         dec.run([[1] * 41], max_new_tokens=1)
 
 
+def test_empty_batch_and_empty_prompt_are_told_apart():
+    dec = Decoder(random_model(2, SP_VOCAB))
+    for speculative in (False, True):
+        with pytest.raises(ValueError, match="batch is empty"):
+            dec.run([], max_new_tokens=1, speculative=speculative)
+        with pytest.raises(ValueError, match="every prompt needs at least one token"):
+            dec.run([[1, 2], []], max_new_tokens=1, speculative=speculative)
+
+
 def test_eos_and_stop_cut_both_modes_at_the_same_token():
     model = random_model(4, BYTE_VOCAB, seed=7)
     dec = Decoder(model)

@@ -3,7 +3,8 @@
 Every planted program either tries through Python (which the guard turns into an exception)
 or around it through ctypes/libc (which only the namespaces, the uid and the limits stop). After
 each: the evaluator is alive, the side effect did not happen, no process of the check's uid is
-left, and its temporary directory is gone. Runs as root (as CI does): the full isolation is
+left, and its temporary directory is gone. Programs that try to report a pass without running
+their tests (the forgeries) are scored failed too. Runs as root (as CI does): the full isolation is
 asserted, not assumed.
 """
 
@@ -20,6 +21,23 @@ import pytest
 from mtp_dist.eval.sandbox import Limits, Sandbox
 
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None)\n"
+# b"ok" on an inherited pipe used to be the verdict: write it to every descriptor there may be.
+OK_EVERYWHERE = (
+    "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'ok')\n    except OSError: pass\n"
+)
+# Each tries to report a pass and ends (or fails) without running any test.
+FORGERIES = {
+    "forge: 'ok' on every fd, os._exit(0)": OK_EVERYWHERE + "os._exit(0)",
+    "forge: os._exit(0) alone": "import os\nos._exit(0)\nassert False, 'tests'",
+    "forge: 'ok' on every fd, sys.exit(0)": OK_EVERYWHERE + "import sys\nsys.exit(0)",
+    "forge: 'ok' on every fd, raise": OK_EVERYWHERE + "raise RuntimeError('tests failed')",
+    "forge: a guessed token on fd 3": "import os\nos.write(3, os.urandom(16))\nos._exit(0)",
+    "forge: fd 3 reopened through /proc": (
+        "import os\nopen('/proc/self/fd/3', 'wb').write(b'ok' * 8)\nos._exit(0)"
+    ),
+    "forge: libc write and _exit": LIBC
+    + "for fd in range(64):\n    libc.write(fd, b'ok', 2)\nlibc._exit(0)",
+}
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +129,7 @@ def test_planted_attacks_are_contained(sandbox, project, tmp_path):
         "delete tree": f"import shutil\nshutil.rmtree({str(project)!r})",
         "delete (libc)": LIBC + f"assert libc.unlink({str(keep).encode()!r}) == 0",
         "subprocess": "import subprocess\nsubprocess.run(['rm', '-rf', '/work'])",
+        **FORGERIES,
     }
     before = _leftovers()
     results = dict(zip(planted, sandbox.run_many(list(planted.values()), workers=6)))
@@ -120,6 +139,7 @@ def test_planted_attacks_are_contained(sandbox, project, tmp_path):
     assert results["huge allocation"].status == "failed"
     assert "MemoryError" in results["huge allocation"].detail
     assert "Network is unreachable" in results["socket"].detail
+    assert all(results[name].status == "failed" for name in FORGERIES)
     with pytest.raises(TimeoutError):  # nobody reached the evaluator's listener
         listener.accept()
     listener.close()
@@ -159,3 +179,17 @@ def test_writes_land_in_the_checks_own_directory(sandbox):
     )
     assert sandbox.run(program).passed
     assert not os.path.exists("/tmp/there.txt")
+
+
+def test_the_code_holds_no_descriptor_of_the_evaluator_but_the_result_pipe(sandbox):
+    """What a genuine program sees: stdin empty, stdio plus the result pipe at 3 and nothing
+    else (the pipe that carried the token is closed) -- and it still passes."""
+    program = (
+        "import os\n"
+        "fds = sorted(int(fd) for fd in os.listdir('/proc/self/fd'))\n"
+        "assert fds[:4] == [0, 1, 2, 3] and len(fds) == 5, fds\n"  # 5th: the listing itself
+        "assert os.readlink('/proc/self/fd/3').startswith('pipe:')\n"
+        "assert os.readlink('/proc/self/fd/0') == '/dev/null' and os.read(0, 1) == b''\n"
+    )
+    result = sandbox.run(program)
+    assert (result.passed, result.status) == (True, "passed"), result.detail

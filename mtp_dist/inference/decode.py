@@ -144,7 +144,9 @@ class Decoder:
             raise ValueError("self-speculative decoding is greedy: use temperature 0")
         if not 0 <= drafts < self.n_future:
             raise ValueError(f"n_draft must be in [0, {self.n_future - 1}], got {drafts}")
-        if not prompts or min(len(p) for p in prompts) < 1:
+        if not prompts:
+            raise ValueError("the batch is empty: no prompts to decode")
+        if min(len(p) for p in prompts) < 1:
             raise ValueError("every prompt needs at least one token")
         max_len = self.model.cfg.max_seq_len
         if max(len(p) for p in prompts) > max_len:
