@@ -11,13 +11,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
+from mtp_dist.config import ConfigError
 from mtp_dist.tokenizers import ByteTokenizer, load_tokenizer
 
 from .builder import DEFAULT_SHARD_BYTES, build_shards
+from .sources import plan_tasks
+
+
+def check_sources(
+    sources: Sequence[str], include: Sequence[str], exclude: Sequence[str], key: str = "source"
+) -> None:
+    """Every source exists and together they hold a non-empty file to read, else ConfigError.
+
+    `build_shards` records a missing source under 'skipped' and packs an empty corpus; a command
+    the user points at these sources refuses them instead, before it writes anything.
+    """
+    for source in sources:
+        if not Path(source).exists():
+            raise ConfigError(f"{key}={source}: does not exist")
+    tasks, _, _ = plan_tasks(sources, include, exclude)
+    where = f"{key}={' '.join(map(str, sources))}"
+    if not tasks:
+        patterns = " ".join(include)
+        excluded = f" (excluding {' '.join(exclude)})" if exclude else ""
+        raise ConfigError(f"{where}: no files matching {patterns}{excluded}")
+    if not any(t.size for t in tasks):
+        raise ConfigError(f"{where}: the {len(tasks)} matching files are all empty")
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    include, exclude = tuple(args.include or ["**/*.py"]), tuple(args.exclude or [])
+    check_sources(args.sources, include, exclude, key="sources")
     tokenizer = ByteTokenizer() if args.bytes else load_tokenizer(args.tokenizer)
     manifest = build_shards(
         args.sources,
@@ -25,8 +52,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         tokenizer,
         args.seq_len,
         args.n_future,
-        include=tuple(args.include or ["**/*.py"]),
-        exclude=tuple(args.exclude or []),
+        include=include,
+        exclude=exclude,
         shard_bytes=int(args.shard_mb * 1_000_000),
         val_fraction=args.val_fraction,
         dedup=not args.no_dedup,
@@ -34,7 +61,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
     )
-    return 0 if manifest.totals["documents"] else 1
+    if not manifest.totals["documents"]:
+        raise ConfigError(f"sources: no usable document (see 'skipped' above); {args.out} is empty")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,7 +1,11 @@
-"""The `mtp` command line: `mtp train RECIPE [key=value ...] [--resume]` and friends.
+"""The `mtp` command line: `mtp train [RECIPE] [key=value ...] [--resume]` and friends.
 
 The only place that reads the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*):
 it turns it into a `LaunchEnv` and hands that to the distributed layer.
+
+A problem the user can fix (a bad option, recipe or override, a missing or corrupt file or
+checkpoint, an existing run, an empty corpus) is one line `mtp COMMAND: message` on stderr and
+exit status 2; anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -11,16 +15,43 @@ import importlib
 import os
 import sys
 
-from .config import ConfigError, load_config
+from .config import DEFAULT_RECIPE, load_config, recipe_names
 
-# Modules that add their own subcommands with `register(subparsers)`.
-_SUBCOMMANDS = (
-    "mtp_dist.tokenizers.cli",
-    "data_pipeline.cli",
-    "mtp_dist.inference.cli",
-    "mtp_dist.eval.cli",
-    "mtp_dist.distributed.cli",
-)
+# name: (module whose `register(subparsers)` adds the command, the help `mtp --help` shows).
+# Only the module of the command being run is imported: `mtp --help`, `mtp train` and their
+# errors do not pay for torch, DeepSpeed or MLflow.
+_SUBCOMMANDS = {
+    "tokenizer": ("mtp_dist.tokenizers.cli", "tokenizer tools"),
+    "data": ("data_pipeline.cli", "data pipeline tools"),
+    "generate": ("mtp_dist.inference.cli", "complete a prompt with a checkpoint"),
+    "eval": ("mtp_dist.eval.cli", "HumanEval / MBPP pass@k of a checkpoint"),
+    "checkpoint": ("mtp_dist.distributed.cli", "checkpoint tools"),
+}
+
+# The errors whose message is the whole story, by module: an error can only be one of these if
+# its module was imported, so looking them up costs no import.
+_USER_ERRORS = {
+    "builtins": ("FileNotFoundError",),
+    "mtp_dist.config": ("ConfigError",),
+    "mtp_dist.checkpoint.layout": ("CheckpointError",),
+    "mtp_dist.training.trainer": ("TrainingAborted",),
+    "mtp_dist.distributed.topology": ("TopologyError",),
+    "data_pipeline.manifest": ("ManifestError",),
+    "data_pipeline.reader": ("ShardError",),
+}
+
+EPILOG = """exit status: 0 done; 2 a problem with the input, explained in one line
+`mtp COMMAND: message` (bad option, recipe or override, missing or corrupt file or checkpoint,
+a run that already exists, an empty corpus, training aborted on non-finite losses); 1 a bug,
+shown with its traceback; 130 interrupted (Ctrl-C). MTP_DEBUG=1 shows the traceback of input
+problems too."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of `mtp` (subparsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _launch_env():
@@ -36,9 +67,12 @@ def _launch_env():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe, overrides = args.recipe, list(args.overrides)
+    if "=" in recipe and not os.path.exists(recipe):  # `mtp train key=value`: default recipe
+        recipe, overrides = DEFAULT_RECIPE, [recipe, *overrides]
+    cfg = load_config(recipe, overrides)  # before the heavy imports: config errors are quick
     from .training import Trainer
 
-    cfg = load_config(args.recipe, args.overrides)
     runtime = None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.distributed:
         from .distributed import make_runtime
@@ -52,11 +86,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtp", description=__doc__.splitlines()[0])
+def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The `mtp` parser with the subcommands named in `load` complete (None: all); the others
+    are listed with their help only."""
+    parser = _Parser(
+        prog="mtp",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a multi-token-prediction model")
-    train.add_argument("recipe", nargs="?", default="configs/tiny-cpu.yaml", help="YAML recipe")
+    train = sub.add_parser("train", help="train a multi-token-prediction model", epilog=EPILOG)
+    train.add_argument(
+        "recipe",
+        nargs="?",
+        default=DEFAULT_RECIPE,
+        help=f"YAML file or shipped recipe name (default {DEFAULT_RECIPE}; shipped: "
+        f"{', '.join(recipe_names())})",
+    )
     train.add_argument("overrides", nargs="*", help="config overrides, key=value")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument(
@@ -65,17 +112,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the distributed runtime even with one process (launchers set WORLD_SIZE)",
     )
     train.set_defaults(func=cmd_train)
-    for name in _SUBCOMMANDS:
-        importlib.import_module(name).register(sub)
+    for name, (module, summary) in _SUBCOMMANDS.items():
+        if load is None or name in load:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    words = [a for a in argv if not a.startswith("-")]
+    parser = build_parser(load=tuple(words[:1]))
+    args, rest = parser.parse_known_args(argv)
+    # argparse fills the positionals before the first option: overrides typed after `--resume`
+    # are left over. They are overrides all the same.
+    if args.command == "train":
+        args.overrides += [a for a in rest if not a.startswith("-")]
+        rest = [a for a in rest if a.startswith("-")]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def _is_user_error(err: BaseException) -> bool:
+    types = tuple(
+        getattr(sys.modules[module], name)
+        for module, names in _USER_ERRORS.items()
+        if module in sys.modules
+        for name in names
+    )
+    return isinstance(err, types)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
+    sub = getattr(args, f"{args.command}_command", None)  # `mtp data build`: "data build"
+    command = f"{args.command} {sub}" if sub else args.command
+    debug = os.environ.get("MTP_DEBUG") == "1"
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"mtp {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not _is_user_error(err):
+            raise
+        print(f"mtp {command}: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

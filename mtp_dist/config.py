@@ -3,11 +3,16 @@
 Typed omegaconf structured configs: every recipe in configs/ is a YAML file merged onto these
 dataclasses, and the CLI adds `key=value` dotlist overrides. A wrong key or type fails with a
 one-line `ConfigError` naming the key; `validate` checks the arithmetic omegaconf cannot.
+
+A recipe is a YAML path or the name of a shipped recipe (`tiny-cpu`): the files of configs/,
+which an installed package carries as `mtp_dist/recipes` (pyproject.toml maps the directory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -219,15 +224,45 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+DEFAULT_RECIPE = "tiny-cpu"
+
+
+def _recipes_dir() -> Traversable:
+    # An installed package carries the recipes inside it; a source checkout (the editable
+    # install included) reads configs/ itself, so an edited recipe is used without reinstalling.
+    installed = resources.files("mtp_dist") / "recipes"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes (`tiny-cpu`, ...), sorted."""
+    root = _recipes_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_recipe(recipe: str | Path) -> Traversable:
+    """A YAML file, or a shipped recipe by name (`tiny-cpu` or `tiny-cpu.yaml`)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.name.removesuffix(".yaml") in recipe_names():
+        return _recipes_dir() / f"{path.name.removesuffix('.yaml')}.yaml"
+    why = "is a directory" if path.is_dir() else "no such file"
+    shipped = ", ".join(recipe_names()) or "none found"
+    raise ConfigError(f"recipe {str(recipe)!r}: {why} (shipped recipes: {shipped})")
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Schema <- recipe YAML <- `key=value` overrides, validated. Errors name the key."""
     try:
         merged: DictConfig = OmegaConf.structured(RunConfig)
         if recipe is not None:
-            path = Path(recipe)
-            if not path.exists():
-                raise ConfigError(f"recipe: no such file {str(path)!r}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            with find_recipe(recipe).open() as f:
+                merged = OmegaConf.merge(merged, OmegaConf.load(f))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

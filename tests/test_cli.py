@@ -84,3 +84,36 @@ def test_train_then_generate_with_sentencepiece(tmp_path):
     stats = json.loads(fast.stderr.strip().splitlines()[-1])
     assert stats["tokens"] == 12 and stats["finish_reason"] == "length"
     assert stats["tokens_per_forward"] >= 1.0
+
+
+def test_lazy_subcommands_show_the_same_help():
+    """`mtp --help` lists the subcommands without importing them; what it says is what their
+    own `register` says."""
+    from mtp_dist.cli import build_parser
+
+    assert build_parser(load=()).format_help() == build_parser().format_help()
+
+
+def test_every_package_and_the_recipes_are_shipped():
+    """pyproject.toml lists the packages (so that configs/ can be mapped in as
+    mtp_dist.recipes): a package missing from the list would be missing from an install."""
+    import tomllib
+
+    from setuptools import find_namespace_packages
+
+    root = Path(__file__).parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = find_namespace_packages(str(root), include=["mtp_dist*", "data_pipeline*"])
+    assert sorted(setup["packages"]) == sorted([*found, "mtp_dist.recipes"])
+    assert setup["package-dir"] == {"mtp_dist.recipes": "configs"}
+
+
+def test_user_error_names_resolve():
+    """The errors `main` reports in one line are looked up by name: every name must exist."""
+    import importlib
+
+    from mtp_dist.cli import _USER_ERRORS
+
+    for module, names in _USER_ERRORS.items():
+        for name in names:
+            assert issubclass(getattr(importlib.import_module(module), name), Exception)

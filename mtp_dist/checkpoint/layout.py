@@ -89,8 +89,12 @@ def load_file(path: Path, **kwargs):
     """`torch.load`, but a truncated or corrupt file fails with an error naming it."""
     try:
         return torch.load(path, **kwargs)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from err
     except Exception as err:  # a corrupt file must name itself
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+        # torch's text goes on for sentences of advice; the first one says what failed.
+        why = str(err).strip().split(". ")[0] or type(err).__name__
+        raise CheckpointError(f"cannot read {path}, truncated or corrupt: {why}") from err
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -117,7 +121,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / MARKER).is_file():
         return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
     latest = latest_checkpoint(path)
     if latest is None:
-        raise CheckpointError(f"no complete checkpoint at {path}")
+        raise CheckpointError(
+            f"{path}: no complete checkpoint (a run directory holds checkpoints/step_*/{MARKER}, "
+            f"a checkpoint directory {MARKER})"
+        )
     return latest

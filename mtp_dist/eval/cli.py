@@ -15,6 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ConfigError
+from ..inference.cli import (
+    check_max_tokens,
+    cut_warning,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    probability,
+)
+
 
 def _ks(text: str) -> tuple[int, ...]:
     try:
@@ -42,14 +52,27 @@ def _mlflow_log(uri: str, run_name: str, report: dict, out: Path) -> None:
         mlflow.log_artifact(str(out))
 
 
+def _generator(args: argparse.Namespace):
+    """(checkpoint directory, Generator) of --checkpoint, checked against --max-tokens."""
+    import torch
+
+    from ..checkpoint import load_for_inference, resolve_checkpoint
+    from ..inference import Generator
+
+    torch.set_num_threads(args.threads)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    gen = Generator(*load_for_inference(ckpt))
+    check_max_tokens(args.max_tokens, gen)
+    return ckpt, gen
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .benchmarks import load_benchmark
     from .harness import EvalConfig, evaluate, reference_completions
     from .sandbox import Limits, Sandbox
 
     if args.checkpoint is None and not args.references:
-        print("mtp eval: give --checkpoint (or --references for the self-test)", file=sys.stderr)
-        return 2
+        raise ConfigError("give --checkpoint (or --references for the self-test)")
     benches = ["humaneval", "mbpp"] if args.benchmark == "both" else [args.benchmark]
     cfg = EvalConfig(
         ks=args.k,
@@ -64,20 +87,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     sandbox = Sandbox(Limits(timeout_s=args.timeout), slots=max(args.workers, 1))
     run_dir = None
+    dropped: dict[str, int] = {}  # prompt -> tokens cut from its start to fit the context
     if args.references:
         cfg.samples, cfg.ks = 0, (1,)
     else:
-        import torch
-
-        from ..checkpoint import load_for_inference, resolve_checkpoint
-        from ..inference import Generator
-
-        torch.set_num_threads(args.threads)
-        ckpt = resolve_checkpoint(args.checkpoint)
+        ckpt, gen = _generator(args)
         run_dir = ckpt.parent.parent
-        model, tokenizer = load_for_inference(ckpt)
-        gen = Generator(model, tokenizer)
-        complete = lambda prompts, c: [x.text for x in gen.generate(prompts, c)[0]]
+
+        def complete(prompts, c):
+            completions = gen.generate(prompts, c)[0]
+            dropped.update((p, x.prompt_dropped) for p, x in zip(prompts, completions))
+            return [x.text for x in completions]
+
     report = {
         "checkpoint": None if args.references else str(ckpt),
         "config": {"benchmark": args.benchmark, "limit": args.limit, **vars(cfg)},
@@ -90,6 +111,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.references:
             complete = reference_completions(problems)
         result = evaluate(complete, problems, cfg, sandbox)
+        if not args.references:
+            cut = [dropped[p.prompt] for p in problems]
+            warning = cut_warning(cut, args.max_tokens, gen)
+            if warning:
+                print(f"mtp eval: {bench}: {warning}", file=sys.stderr)
         report["results"][bench] = result["metrics"]
         report["problems"][bench] = result["problems"]
         shown = {
@@ -114,16 +140,28 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="HumanEval / MBPP pass@k of a checkpoint")
     p.add_argument("--checkpoint", help="run directory (latest checkpoint) or checkpoint dir")
     p.add_argument("--benchmark", choices=["humaneval", "mbpp", "both"], default="both")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     p.add_argument(
-        "--samples", type=int, default=200, help="sampled completions per problem for k > 1"
+        "--limit", type=positive_int, default=None, help="first N problems of each benchmark"
     )
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (k > 1)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass for sampling")
+    p.add_argument(
+        "--samples",
+        type=nonnegative_int,
+        default=200,
+        help="sampled completions per problem for k > 1",
+    )
+    p.add_argument(
+        "--temperature", type=nonnegative_float, default=0.8, help="sampling temperature (k > 1)"
+    )
+    p.add_argument("--top-p", type=probability, default=0.95, help="nucleus mass for sampling")
     p.add_argument("--k", type=_ks, default=(1, 10, 100), help="pass@k values, e.g. 1,10,100")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per completion")
+    p.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=256,
+        help="most tokens per completion (the prompt keeps model.max_seq_len less this)",
+    )
     p.add_argument("--speculative", action="store_true", help="greedy pass self-speculatively")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")
     p.add_argument("--out", help="JSON results file (default <run_dir>/eval/eval-<time>.json)")
     p.add_argument(
         "--timeout", type=float, default=20.0, help="wall-clock seconds per check (default 20)"
@@ -132,7 +170,7 @@ def register(subparsers) -> None:
     p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(
         "--references",
         action="store_true",

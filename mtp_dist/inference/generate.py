@@ -5,8 +5,9 @@
                                       stop=("\\ndef",), speculative=True))
 
 Training data is a stream of documents each followed by EOS (data_pipeline), so a prompt is
-encoded as [EOS] + tokens: the model sees it as the start of a new document. A prompt longer than
-the context allows keeps its end (the part next to what is generated).
+encoded as [EOS] + tokens: the model sees it as the start of a new document. The prompt and
+max_tokens share the model's context (model.max_seq_len): a prompt longer than its share keeps
+its end (the part next to what is generated), and its Completion says how many tokens went.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Completion:
     finish_reason: str
     """'eos', 'stop' or 'length'."""
     prompt_tokens: int
+    prompt_dropped: int = 0
+    """Prompt tokens cut from its start to leave max_tokens room in the context."""
 
 
 class Generator:
@@ -61,17 +64,30 @@ class Generator:
         self.prefix_eos = prefix_eos
         self.decoder = Decoder(model, vocab_limit=tokenizer.vocab_size)
 
-    def encode(self, prompt: str, max_tokens: int) -> list[int]:
-        """Prompt ids, left-truncated so that max_tokens more fit in the context (if possible)."""
-        ids = ([self.tokenizer.eos_id] if self.prefix_eos else []) + self.tokenizer.encode(prompt)
-        room = max(1, self.model.cfg.max_seq_len - max_tokens)
-        return ids[-room:]
+    @property
+    def max_new_tokens(self) -> int:
+        """The most max_tokens can be: the context less one prompt token."""
+        return self.model.cfg.max_seq_len - 1
+
+    def encode(self, prompt: str, max_tokens: int) -> tuple[list[int], int]:
+        """(prompt ids left-truncated so that max_tokens more fit in the context, how many
+        prompt tokens were cut)."""
+        tokens = self.tokenizer.encode(prompt)
+        ids = ([self.tokenizer.eos_id] if self.prefix_eos else []) + tokens
+        room = self.model.cfg.max_seq_len - max_tokens
+        return ids[-room:], max(0, len(tokens) - room)
 
     def generate(
         self, prompts: Sequence[str], config: GenerationConfig | None = None
     ) -> tuple[list[Completion], DecodeStats]:
         cfg = config or GenerationConfig()
-        encoded = [self.encode(p, cfg.max_tokens) for p in prompts]
+        if not 1 <= cfg.max_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"max_tokens must be in [1, {self.max_new_tokens}] for model.max_seq_len="
+                f"{self.model.cfg.max_seq_len}, got {cfg.max_tokens}"
+            )
+        pairs = [self.encode(p, cfg.max_tokens) for p in prompts]
+        encoded, dropped = [ids for ids, _ in pairs], [n for _, n in pairs]
         generator = torch.Generator(device=self.model.rope_cos.device).manual_seed(cfg.seed)
         eos = self.tokenizer.eos_id if cfg.stop_at_eos else None
         # Similar lengths together: less padding in the prefill, and sequences that finish
@@ -97,5 +113,7 @@ class Generator:
             )
             stats = stats.merge(out.stats)
             for i, stopper, toks, reason in zip(chunk, stoppers, out.tokens, out.finish_reasons):
-                results[i] = Completion(stopper.text(toks), toks, reason, len(encoded[i]))
+                results[i] = Completion(
+                    stopper.text(toks), toks, reason, len(encoded[i]), dropped[i]
+                )
         return results, stats

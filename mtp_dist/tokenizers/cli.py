@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .spm import train_sentencepiece
+from ..config import ConfigError
 
 
 def _input_files(inputs: list[str], pattern: str) -> list[Path]:
@@ -25,16 +25,31 @@ def _input_files(inputs: list[str], pattern: str) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"tokenizer train: no such file or directory: {item}")
+            raise ConfigError(f"--input {item}: no such file or directory")
     return files
+
+
+def train_checked(files: list[Path], out, vocab_size: int, setting: str, **kw):
+    """`train_sentencepiece`, its refusals (too little text for the vocabulary, mostly) a
+    ConfigError naming `setting`, the option that set the vocabulary size."""
+    from .spm import train_sentencepiece
+
+    try:
+        return train_sentencepiece(files, out, vocab_size, **kw)
+    except RuntimeError as err:
+        # "INTERNAL: trainer_interface.cc(744) [check] Vocabulary size too high ...": the
+        # words after the bracket are the user's part.
+        why = str(err).strip().rsplit("] ", 1)[-1] or "no text to train on"
+        raise ConfigError(f"{setting}: {why}") from err
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     files = _input_files(args.input, args.glob)
     if not files:
-        raise SystemExit(f"tokenizer train: no files match {args.glob!r} in {args.input}")
+        raise ConfigError(f"--input {' '.join(args.input)}: no files matching --glob {args.glob}")
     start = time.perf_counter()
-    tok = train_sentencepiece(files, args.out, args.vocab_size, max_mb=args.max_mb)
+    setting = f"--vocab-size {args.vocab_size}"
+    tok = train_checked(files, args.out, args.vocab_size, setting, max_mb=args.max_mb)
     print(
         f"trained {tok!r} on {len(files)} files (at most {args.max_mb} MB) in "
         f"{time.perf_counter() - start:.1f}s -> {args.out} ({tok.identity()['sha256'][:12]})",

@@ -23,10 +23,19 @@ def corpus_sources(cfg: RunConfig) -> tuple[list[str], tuple[str, ...]]:
     return [cfg.data.source], ()
 
 
+def check_corpus(cfg: RunConfig) -> None:
+    """data.source exists and holds files to read (ConfigError otherwise)."""
+    from data_pipeline.cli import check_sources
+
+    sources, exclude = corpus_sources(cfg)
+    check_sources(sources, cfg.data.include, exclude, key="data.source")
+
+
 def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
     from data_pipeline.sources import plan_tasks
 
-    from ..tokenizers import ByteTokenizer, load_tokenizer, train_sentencepiece
+    from ..tokenizers import ByteTokenizer, load_tokenizer
+    from ..tokenizers.cli import train_checked
 
     if cfg.data.tokenizer_path:
         return load_tokenizer(cfg.data.tokenizer_path)
@@ -41,7 +50,8 @@ def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
             f"training a sentencepiece tokenizer (vocab {cfg.data.sp_vocab_size}) on "
             f"{len(files)} files -> {out}"
         )
-        train_sentencepiece(files, out, vocab_size=cfg.data.sp_vocab_size)
+        vocab = cfg.data.sp_vocab_size
+        train_checked(files, out, vocab, f"data.sp_vocab_size={vocab}")
     runtime.barrier()
     return load_tokenizer(out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import RunConfig, load_config, to_yaml
 from ..tracking import make_tracker
-from .data import make_loaders, prepare_shards, prepare_tokenizer
+from .data import check_corpus, make_loaders, prepare_shards, prepare_tokenizer
 from .engine import StepMetrics
 from .plot import plot_head_losses
 from .runtime import Runtime
@@ -86,7 +87,7 @@ class Trainer:
         self.cfg = cfg
         self.runtime = runtime or Runtime()
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_corpus(cfg)  # a corpus of nothing is refused before anything is written
         # --resume continues the latest complete checkpoint, or starts fresh when there is none
         # (so a restarted launcher can always pass it); without it an existing run is refused.
         existing = ckpt.latest_checkpoint(self.run_dir)
@@ -95,6 +96,21 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoint {existing.name}: pass --resume to "
                 "continue it, or choose a new run_dir"
             )
+        # A run directory made here goes again if the setup fails (a tokenizer that cannot be
+        # trained, shards too small, a checkpoint that does not load): what is left on disk
+        # after a failed first attempt is nothing, not something that looks like a run.
+        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._setup(existing)
+        except BaseException:
+            if made and self.runtime.is_main:
+                shutil.rmtree(made[-1], ignore_errors=True)  # the outermost one made here
+            raise
+        self._stop_requested = False
+
+    def _setup(self, existing: Path | None) -> None:
+        cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.tokenizer = prepare_tokenizer(cfg, self.runtime)
         if cfg.model.vocab_size == 0:
@@ -114,15 +130,22 @@ class Trainer:
         self.val_history: list[dict] = []
         if existing is not None:
             self._restore(existing)
-        self._stop_requested = False
 
     # -- checkpoints ------------------------------------------------------------------------
     def _restore(self, path: Path) -> None:
         saved = load_config(path / "config.yaml").model
         if saved != self.cfg.model:
-            raise TrainingAborted(f"model config differs from the one in {path}: {saved}")
-        self.engine.load(path)
-        state = ckpt.read_trainer_state(path)
+            differ = ", ".join(
+                f"model.{key}={getattr(self.cfg.model, key)!r} (checkpoint: {value!r})"
+                for key, value in asdict(saved).items()
+                if getattr(self.cfg.model, key) != value
+            )
+            raise TrainingAborted(f"model config differs from the one in {path}: {differ}")
+        try:
+            self.engine.load(path)
+            state = ckpt.read_trainer_state(path)
+        except ckpt.CheckpointError as err:
+            raise ckpt.CheckpointError(f"{err}; {self._fallback(path)}") from err
         self.step, self.bad_steps = state["step"], state["bad_steps"]
         self.history, self.val_history = state["history"], state["val_history"]
         # One reader position per data-parallel rank. On a new data-parallel size the reader
@@ -137,6 +160,17 @@ class Trainer:
         if self.runtime.is_main:
             self._truncate_metrics(self.step)
             print(f"resumed from {path} at step {self.step}")
+
+    def _fallback(self, broken: Path) -> str:
+        """What a user can resume from instead of a checkpoint that does not load."""
+        earlier = [p for p in ckpt.complete_checkpoints(self.run_dir) if p != broken]
+        if not earlier:
+            return f"no earlier complete checkpoint in {broken.parent}; the files are as they were"
+        aside = broken.parent / f"broken-{broken.name}"
+        return (
+            f"the earlier complete checkpoint {earlier[-1].name} is untouched: "
+            f"`mv {broken} {aside}` and run again with --resume to continue from it"
+        )
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics.jsonl lines past the resumed step (a crashed attempt's last steps)."""

@@ -1,0 +1,263 @@
+"""What a user can get wrong, through the `mtp` command line: each is one line on stderr and
+exit status 2, and nothing is lost or left half made (no run directory appears, an existing
+checkpoint is left byte for byte). Most run `main()` in-process, where an unexpected traceback
+fails the test; the import-cost and working-directory cases run a real process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from toy_models import STDLIB, save_checkpoint
+
+from mtp_dist.cli import main
+from mtp_dist.config import ConfigError, ModelConfig
+from mtp_dist.model import MTPModel
+from mtp_dist.tokenizers import ByteTokenizer
+
+TINY = [
+    "data.tokenizer=bytes",
+    "model.d_model=32",
+    "model.n_layers=5",
+    "model.n_attn_heads=2",
+    "model.max_seq_len=64",
+    "data.seq_len=16",
+    "data.val_fraction=0",
+    "train.max_steps=2",
+    "train.ckpt_every=1",
+    "train.micro_batch_size=2",
+    "train.eval_every=0",
+    "tracking.enabled=false",
+]
+CONTEXT = 64
+
+
+def mtp(capsys, *args: str) -> tuple[int, str]:
+    """(exit status, stderr) of `mtp ARGS`, run in this process."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for path in sorted((STDLIB / "json").glob("*.py")):
+        shutil.copy(path, root / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus) -> Path:
+    """A run trained for two steps, checkpointed at both."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", *TINY, f"data.source={corpus}", f"run_dir={run}"]) == 0
+    return run
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=320, d_model=32, n_layers=3, n_attn_heads=4, n_future=2, max_seq_len=CONTEXT
+    )
+    run = tmp_path_factory.mktemp("toy")
+    save_checkpoint(MTPModel(cfg), ByteTokenizer(), run, step=1)
+    return run
+
+
+def train_args(run: Path, source: Path, *extra: str) -> list[str]:
+    return ["train", *TINY, f"data.source={source}", f"run_dir={run}", *extra]
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_missing_checkpoint(capsys, tmp_path, command):
+    code, err = mtp(capsys, command, "--checkpoint", str(tmp_path / "DOES-NOT-EXIST"))
+    assert code == 2
+    one_line(err, f"mtp {command}: ", "DOES-NOT-EXIST", "no such run or checkpoint directory")
+
+
+def test_existing_run_without_resume(capsys, run_copy, corpus):
+    before = digest(run_copy)
+    code, err = mtp(capsys, *train_args(run_copy, corpus))
+    assert code == 2
+    one_line(err, "mtp train: ", "already holds checkpoint step_00000002", "--resume")
+    assert digest(run_copy) == before
+
+
+def test_truncated_optimizer_names_the_earlier_checkpoint(capsys, run_copy, corpus):
+    broken = run_copy / "checkpoints" / "step_00000002"
+    truncate(broken / "optimizer.pt")
+    before = digest(run_copy / "checkpoints")
+    # Overrides after --resume are overrides (users type them in either order).
+    code, err = mtp(capsys, *train_args(run_copy, corpus, "--resume", "train.max_steps=3"))
+    assert code == 2
+    line = one_line(err, "optimizer.pt", "truncated or corrupt", "step_00000001 is untouched")
+    assert digest(run_copy / "checkpoints") == before
+    # Doing what the line says resumes from the earlier checkpoint.
+    aside = line.split("`mv ")[1].split("`")[0].split()[1]
+    broken.rename(aside)
+    assert main(train_args(run_copy, corpus, "--resume", "train.max_steps=3")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (run_copy / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_truncated_model_without_an_earlier_checkpoint(capsys, run_copy, corpus):
+    shutil.rmtree(run_copy / "checkpoints" / "step_00000001")
+    truncate(run_copy / "checkpoints" / "step_00000002" / "model.pt")
+    before = digest(run_copy)
+    code, err = mtp(capsys, *train_args(run_copy, corpus, "--resume"))
+    assert code == 2
+    one_line(err, "step_00000002/model.pt", "truncated or corrupt", "no earlier complete")
+    assert digest(run_copy) == before
+
+
+def test_truncated_model_for_generate(capsys, run_copy):
+    truncate(run_copy / "checkpoints" / "step_00000002" / "model.pt")
+    code, err = mtp(capsys, "generate", "--checkpoint", str(run_copy), "--prompt", "x")
+    assert code == 2
+    one_line(err, "mtp generate: ", "step_00000002/model.pt", "truncated or corrupt")
+
+
+def test_resume_with_another_model(capsys, run_copy, corpus):
+    code, err = mtp(capsys, *train_args(run_copy, corpus, "--resume", "model.d_model=64"))
+    assert code == 2
+    one_line(err, "model.d_model=64 (checkpoint: 32)")
+
+
+# -- the corpus -----------------------------------------------------------------------------
+@pytest.mark.parametrize("tokenizer", ["bytes", "sentencepiece"])
+@pytest.mark.parametrize("source", ["missing", "empty"])
+def test_no_corpus_leaves_no_run_dir(capsys, tmp_path, source, tokenizer):
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    args = train_args(run, tmp_path / source, f"data.tokenizer={tokenizer}")
+    code, err = mtp(capsys, *args)
+    assert code == 2
+    why = "does not exist" if source == "missing" else "no files matching **/*.py"
+    one_line(err, f"mtp train: data.source={tmp_path / source}: {why}")
+    assert not run.exists()
+
+
+def test_failed_setup_removes_the_run_dir_it_made(capsys, tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.py").write_text("x = 1\n")  # too little for one batch
+    run = tmp_path / "new" / "run"
+    code, err = mtp(capsys, *train_args(run, tmp_path / "small"))
+    assert code == 2
+    # The shard build ran (its progress and report on stderr) before the reader refused it.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mtp train: ") and "split 'train' has 1 windows" in last
+    assert "Traceback" not in err and not (tmp_path / "new").exists()
+
+
+# -- generation limits ----------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["generate", "eval"])
+@pytest.mark.parametrize("value", ["-5", "0", "many"])
+def test_max_tokens_below_one(capsys, toy, command, value):
+    code, err = mtp(capsys, command, "--checkpoint", str(toy), "--max-tokens", value)
+    assert code == 2
+    one_line(err, f"mtp {command}: argument --max-tokens:")
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_max_tokens_beyond_the_context(capsys, toy, command):
+    args = [command, "--checkpoint", str(toy), "--max-tokens", "100000", "--prompt", "x"]
+    code, err = mtp(capsys, *(args if command == "generate" else args[:-2]))
+    assert code == 2
+    one_line(err, "--max-tokens 100000", f"model.max_seq_len={CONTEXT}", f"at most {CONTEXT - 1}")
+
+
+def test_long_prompt_warns_how_much_was_dropped(capsys, toy):
+    prompt, max_tokens = "x = 1\n" * 20, 10  # 120 byte tokens; 54 fit beside 10 new ones
+    code = main(["generate", "--checkpoint", str(toy), "--prompt", prompt, "--max-tokens", "10"])
+    assert code == 0
+    warning, stats = capsys.readouterr().err.strip().splitlines()
+    dropped = len(prompt) - (CONTEXT - max_tokens)
+    assert warning.startswith("mtp generate: warning: ") and f"first {dropped} tokens" in warning
+    assert '"tokens": 10' in stats
+
+
+# -- the command line -----------------------------------------------------------------------
+def test_recipe_by_name_and_a_bad_name(capsys, tmp_path):
+    code, err = mtp(capsys, "train", "tiny-cpu", f"run_dir={tmp_path}", "model.n_futur=2")
+    assert code == 2
+    one_line(err, "model.n_futur")  # the recipe was found: the override is what failed
+    code, err = mtp(capsys, "train", "tiny-gpu")
+    assert code == 2
+    one_line(err, "recipe 'tiny-gpu'", "tiny-cpu", "byte-n8-cpu")
+
+
+def test_usage_errors_are_one_line(capsys):
+    code, err = mtp(capsys, "generate", "--bogus")
+    assert code == 2
+    one_line(err, "mtp generate: the following arguments are required: --checkpoint")
+    code, err = mtp(capsys, "train", "tiny-cpu", "--resume", "--bogus")
+    assert code == 2
+    one_line(err, "unrecognized arguments: --bogus")
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch):
+    monkeypatch.setenv("MTP_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", "tiny-gpu"])
+    monkeypatch.delenv("MTP_DEBUG")
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("mtp_dist.cli.load_config", bug)
+    with pytest.raises(KeyError):
+        main(["train"])
+
+
+def test_default_recipe_anywhere_without_heavy_imports(tmp_path):
+    """From a directory without configs/, `mtp train` finds its default recipe, and a config
+    error costs no torch import."""
+    code = (
+        "import sys; from mtp_dist.cli import main; rc = main(['train', 'model.n_futur=2']); "
+        "print(rc, sorted({'torch', 'deepspeed', 'mlflow', 'megatron'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.stdout.strip() == "2 []", proc.stderr
+    one_line(proc.stderr, "mtp train: model.n_futur")
