@@ -25,7 +25,7 @@ _SUBCOMMANDS = {
     "data": ("data_pipeline.cli", "data pipeline tools"),
     "generate": ("mtp_dist.inference.cli", "complete a prompt with a checkpoint"),
     "eval": ("mtp_dist.eval.cli", "HumanEval / MBPP pass@k of a checkpoint"),
-    "checkpoint": ("mtp_dist.distributed.cli", "checkpoint tools"),
+    "checkpoint": ("mtp_dist.checkpoint.cli", "checkpoint tools"),
 }
 
 # The errors whose message is the whole story, by module: an error can only be one of these if
@@ -34,6 +34,7 @@ _USER_ERRORS = {
     "builtins": ("FileNotFoundError",),
     "mtp_dist.config": ("ConfigError",),
     "mtp_dist.checkpoint.layout": ("CheckpointError",),
+    "mtp_dist.tokenizers.base": ("TokenizerError",),
     "mtp_dist.training.trainer": ("TrainingAborted",),
     "mtp_dist.distributed.topology": ("TopologyError",),
     "data_pipeline.manifest": ("ManifestError",),

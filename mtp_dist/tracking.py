@@ -1,9 +1,13 @@
 """MLflow tracking (rank 0 only) behind a tiny interface; `NullTracker` when tracking is off.
 
 URI precedence: config `tracking.uri` > env MLFLOW_TRACKING_URI > sqlite:///<run_dir>/mlflow.db
-(MLflow 3 refuses the plain file store: "maintenance mode"
-unless MLFLOW_ALLOW_FILE_STORE=true). A resumed run continues its MLflow run: the run
-id is kept in <run_dir>/mlflow_run_id.
+(MLflow 3 refuses the plain file store: "maintenance mode" unless MLFLOW_ALLOW_FILE_STORE=true).
+A resumed run continues its MLflow run: the run id is kept in <run_dir>/mlflow_run_id.
+
+Experiments this creates are tagged `mlflow.experimentKind=custom_model_development`, which the
+MLflow 3.17 UI reads as a training experiment ("Training runs"). The UI's "GenAI | Model
+training" switch at the top left is kept in the browser (localStorage), not in the experiment,
+and starts at GenAI in a fresh browser: switch it once (README, MLflow section).
 """
 
 from __future__ import annotations
@@ -13,9 +17,14 @@ from pathlib import Path
 
 from .config import RunConfig, to_flat_dict
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
 
 class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
@@ -48,7 +57,9 @@ def use_mlflow(uri: str, experiment: str, artifacts_dir: Path) -> None:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = outer
     if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifacts_dir.resolve().as_uri())
+        mlflow.create_experiment(
+            experiment, artifact_location=artifacts_dir.resolve().as_uri(), tags=EXPERIMENT_KIND
+        )
     mlflow.set_experiment(experiment)
 
 
@@ -73,6 +84,9 @@ class MLflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics(metrics, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         path = Path(path)

@@ -6,6 +6,7 @@ fails the test; the import-cost and working-directory cases run a real process."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -261,3 +262,23 @@ def test_default_recipe_anywhere_without_heavy_imports(tmp_path):
     )
     assert proc.stdout.strip() == "2 []", proc.stderr
     one_line(proc.stderr, "mtp train: model.n_futur")
+
+
+def test_eval_default_max_tokens_fits_a_small_model(capsys, toy, tmp_path):
+    """The default completion length (256) is halved to fit a model of 64 positions, rather
+    than refused: only an explicit --max-tokens beyond the context is an error."""
+    out = tmp_path / "eval.json"
+    args = ["eval", "--checkpoint", str(toy), "--benchmark", "mbpp", "--limit", "1"]
+    code = main([*args, "--samples", "0", "--no-mlflow", "--out", str(out)])
+    assert code == 0
+    assert json.loads(out.read_text())["config"]["max_tokens"] == CONTEXT // 2
+
+
+def test_unusable_tokenizer_is_one_line(capsys, toy, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(toy, run)
+    (meta,) = run.glob("checkpoints/*/tokenizer/tokenizer.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "kind": "wordpiece"}))
+    code, err = mtp(capsys, "generate", "--checkpoint", str(run), "--prompt", "x")
+    assert code == 2
+    one_line(err, "mtp generate: ", "unknown tokenizer kind 'wordpiece'")

@@ -12,6 +12,7 @@ import torch
 
 from mtp_dist import checkpoint as ckpt
 from mtp_dist.config import load_config
+from mtp_dist.model import MTPModel
 from mtp_dist.training import Trainer, TrainingAborted
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -174,9 +175,17 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypat
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.params["model.n_future"] == "2"
     assert mlrun.data.params["train.lr"] == str(cfg.train.lr)
-    for key in ("train/loss", "train/loss_head1", "train/loss_head2", "train/tokens_per_s"):
+    for key in ("train/loss", "train/loss_head1", "train/loss_head2", "train/tokens_per_s",
+                "train/grad_norm", "train/tokens_seen"):  # fmt: skip
         assert key in mlrun.data.metrics
     assert "val/loss_head2" in mlrun.data.metrics
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+    assert mlrun.data.metrics["train/tokens_seen"] == 3 * tokens_per_step
+    resolved = load_config(run / "config.yaml").model  # vocab from the tokenizer
+    expected = sum(p.numel() for p in MTPModel(resolved).parameters())
+    assert mlrun.data.tags["parameters"] == f"{expected:,}"
+    assert mlrun.data.tags["checkpoint"] == str(ckpt.latest_checkpoint(run).resolve())
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"loss_per_head.png", "config.yaml", "tokenizer"} <= artifacts
     assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()

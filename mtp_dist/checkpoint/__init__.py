@@ -2,45 +2,37 @@
 directory, reading files with clear errors, loading for inference, consolidating shards.
 
 Training, distributed, inference, eval and export import it; it imports nothing of them
-(docs/architecture.md).
+(docs/architecture.md). Names are imported on first use (as in mtp_dist.inference), so that
+`mtp checkpoint --help` does not pay for importing torch.
 """
 
-from .inference import load_for_inference
-from .layout import (
-    MARKER,
-    CheckpointError,
-    check_tokenizer,
-    checkpoints_dir,
-    complete_checkpoints,
-    latest_checkpoint,
-    load_file,
-    padded_vocab,
-    publish,
-    read_trainer_state,
-    resolve_checkpoint,
-    staging_dir,
-    write_common,
-)
-from .shards import LAYOUT_FILE, SHARDS_DIR, consolidate, merge_shards, shard_path
+from importlib import import_module
 
-__all__ = [
-    "LAYOUT_FILE",
-    "MARKER",
-    "SHARDS_DIR",
-    "CheckpointError",
-    "check_tokenizer",
-    "checkpoints_dir",
-    "complete_checkpoints",
-    "consolidate",
-    "latest_checkpoint",
-    "load_file",
-    "load_for_inference",
-    "merge_shards",
-    "padded_vocab",
-    "publish",
-    "read_trainer_state",
-    "resolve_checkpoint",
-    "shard_path",
-    "staging_dir",
-    "write_common",
-]
+_EXPORTS = {
+    "load_for_inference": "inference",
+    "MARKER": "layout",
+    "CheckpointError": "layout",
+    "check_tokenizer": "layout",
+    "checkpoints_dir": "layout",
+    "complete_checkpoints": "layout",
+    "latest_checkpoint": "layout",
+    "load_file": "layout",
+    "padded_vocab": "layout",
+    "publish": "layout",
+    "read_trainer_state": "layout",
+    "resolve_checkpoint": "layout",
+    "staging_dir": "layout",
+    "write_common": "layout",
+    "LAYOUT_FILE": "shards",
+    "SHARDS_DIR": "shards",
+    "consolidate": "shards",
+    "merge_shards": "shards",
+    "shard_path": "shards",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

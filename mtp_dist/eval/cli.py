@@ -25,6 +25,8 @@ from ..inference.cli import (
     probability,
 )
 
+DEFAULT_MAX_TOKENS = 256
+
 
 def _ks(text: str) -> tuple[int, ...]:
     try:
@@ -62,6 +64,8 @@ def _generator(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
     gen = Generator(*load_for_inference(ckpt))
+    if args.max_tokens is None:  # the default: 256, or half the context of a smaller model
+        args.max_tokens = min(DEFAULT_MAX_TOKENS, gen.model.cfg.max_seq_len // 2)
     check_max_tokens(args.max_tokens, gen)
     return ckpt, gen
 
@@ -79,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=args.samples,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
         speculative=args.speculative,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -92,6 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.samples, cfg.ks = 0, (1,)
     else:
         ckpt, gen = _generator(args)
+        cfg.max_tokens = args.max_tokens
         run_dir = ckpt.parent.parent
 
         def complete(prompts, c):
@@ -157,8 +162,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-tokens",
         type=positive_int,
-        default=256,
-        help="most tokens per completion (the prompt keeps model.max_seq_len less this)",
+        default=None,
+        help=f"most tokens per completion (default {DEFAULT_MAX_TOKENS}, or half the context of a "
+        "model with less; the prompt keeps model.max_seq_len less this)",
     )
     p.add_argument("--speculative", action="store_true", help="greedy pass self-speculatively")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")

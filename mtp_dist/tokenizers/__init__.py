@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import TOKENIZER_JSON, Tokenizer
+from .base import TOKENIZER_JSON, Tokenizer, TokenizerError
 from .byte import ByteTokenizer
 from .spm import SentencePieceTokenizer, train_sentencepiece
 
@@ -27,12 +27,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind == "sentencepiece":
         tok = SentencePieceTokenizer(directory / meta["model_file"])
         if tok.identity()["sha256"] != meta["sha256"]:
-            raise ValueError(
+            raise TokenizerError(
                 f"{directory / meta['model_file']}: sha256 differs from {meta_path} "
                 "(the model file was replaced after saving)"
             )
         return tok
-    raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+    raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r}")
 
 
 def build_tokenizer(kind: str, model_path: str | Path | None) -> Tokenizer:
@@ -41,14 +41,14 @@ def build_tokenizer(kind: str, model_path: str | Path | None) -> Tokenizer:
         return ByteTokenizer()
     if kind == "sentencepiece":
         if model_path is None:
-            raise ValueError(
+            raise TokenizerError(
                 "sentencepiece tokenizer needs a model path (.model file or directory)"
             )
         path = Path(model_path)
         if path.is_dir():
             return load_tokenizer(path)
         return SentencePieceTokenizer(path)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'bytes' or 'sentencepiece'")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected 'bytes' or 'sentencepiece'")
 
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "ByteTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "TokenizerError",
     "build_tokenizer",
     "load_tokenizer",
     "train_sentencepiece",

@@ -14,6 +14,10 @@ TOKENIZER_JSON = "tokenizer.json"
 """File name `save()` writes into the tokenizer directory."""
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory or setting that cannot be used: one line, naming it."""
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What every tokenizer offers. `encode` adds no BOS/EOS; `decode` drops specials."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import shutil
 import signal
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import RunConfig, load_config, to_yaml
+from ..model import parameter_table
 from ..tracking import make_tracker
 from .data import check_corpus, make_loaders, prepare_shards, prepare_tokenizer
 from .engine import StepMetrics
@@ -236,6 +238,10 @@ class Trainer:
         cfg, rt = self.cfg.train, self.runtime
         last_step = min(cfg.max_steps, stop_after or cfg.max_steps)
         tracker = make_tracker(self.cfg, rt.is_main)
+        # What runs are compared by, beside the config: the model's size (the whole model,
+        # whatever this rank holds of it).
+        params = sum(math.prod(s.shape) for s in parameter_table(self.cfg.model).values())
+        tracker.set_tags({"parameters": f"{params:,}", "run_dir": str(self.run_dir.resolve())})
         if rt.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.
@@ -259,6 +265,8 @@ class Trainer:
                 stop = rt.all_reduce_sum([float(self._stop_requested)])[0] > 0
                 if self.step % cfg.ckpt_every == 0 or self.step == last_step or stop:
                     self.save_checkpoint()
+                    latest = ckpt.latest_checkpoint(self.run_dir)
+                    tracker.set_tags({"checkpoint": str(latest.resolve()) if latest else ""})
                 if stop:
                     self._say(f"stop requested: checkpointed step {self.step}, exiting")
                     status = "KILLED"
@@ -288,7 +296,12 @@ class Trainer:
         bar.set_postfix_str(f"loss {m.loss:.3f} [{heads}] {tok_s:,.0f} tok/s")
         bar.update(1)
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            extra = {"train/tokens_per_s": tok_s, "train/lr": m.lr}
+            extra = {
+                "train/tokens_per_s": tok_s,
+                "train/lr": m.lr,
+                "train/grad_norm": m.grad_norm,
+                "train/tokens_seen": float(self.step * tokens),  # global, every rank's
+            }
             tracker.log_metrics({**_metric_dict("train", m), **extra}, self.step)
 
     def _validate(self, tracker) -> None:

@@ -7,7 +7,7 @@ import argparse
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from ..checkpoint import consolidate
+    from .shards import consolidate
 
     out = consolidate(args.source, args.out)
     print(f"wrote {out / 'model.pt'}")
