@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mtp train configs/tiny-cpu.yaml --resume "$@"
-mtp generate --checkpoint runs/tiny-cpu --prompt $'def fibonacci(n):\n    ' --max-tokens 64
-mtp generate --checkpoint runs/tiny-cpu --prompt $'def fibonacci(n):\n    ' --max-tokens 64 --speculative
+# The prompt with its completion, then one line per mode: plain greedy and self-speculative
+# decoding (speed, tokens per forward, and whether the two texts are identical).
+mtp generate --checkpoint runs/tiny-cpu --prompt $'def fibonacci(n):\n    ' --max-tokens 64 --compare

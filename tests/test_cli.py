@@ -79,8 +79,9 @@ def test_train_then_generate_with_sentencepiece(tmp_path):
         "--max-tokens",
         "12",
         "--speculative",
+        "--json",
     )
-    assert plain.stdout == fast.stdout
+    assert plain.stdout == fast.stdout and plain.stdout.startswith(prompt)
     stats = json.loads(fast.stderr.strip().splitlines()[-1])
     assert stats["tokens"] == 12 and stats["finish_reason"] == "length"
     assert stats["tokens_per_forward"] >= 1.0

@@ -208,7 +208,8 @@ def test_max_tokens_beyond_the_context(capsys, toy, command):
 
 def test_long_prompt_warns_how_much_was_dropped(capsys, toy):
     prompt, max_tokens = "x = 1\n" * 20, 10  # 120 byte tokens; 54 fit beside 10 new ones
-    code = main(["generate", "--checkpoint", str(toy), "--prompt", prompt, "--max-tokens", "10"])
+    args = ["--checkpoint", str(toy), "--prompt", prompt, "--max-tokens", "10", "--json"]
+    code = main(["generate", *args])
     assert code == 0
     warning, stats = capsys.readouterr().err.strip().splitlines()
     dropped = len(prompt) - (CONTEXT - max_tokens)

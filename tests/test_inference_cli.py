@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
 
 
 def generate(capsys, *args: str) -> tuple[str, dict]:
-    assert main(["generate", *args]) == 0
+    assert main(["generate", *args, "--json"]) == 0
     out = capsys.readouterr()
     return out.out, json.loads(out.err.strip().splitlines()[-1])
 
@@ -49,7 +49,15 @@ def test_generate_plain_and_speculative_agree(run_dir, capsys):
 
 def test_generate_from_checkpoint_dir_with_sampling_and_stop(run_dir, capsys):
     ckpt = next((run_dir / "checkpoints").iterdir())
-    args = ["--checkpoint", str(ckpt), "--prompt", "x = ", "--max-tokens", "30"]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "x = ",
+        "--max-tokens",
+        "30",
+        "--completion-only",
+    ]
     sampled = [
         generate(capsys, *args, "--temperature", "1.0", "--top-p", "0.9", "--seed", s)[0]
         for s in ("1", "1", "2")
@@ -60,3 +68,33 @@ def test_generate_from_checkpoint_dir_with_sampling_and_stop(run_dir, capsys):
     cut, stats = generate(capsys, *args, "--stop", stop)
     assert stop not in cut and free.startswith(cut.rstrip("\n"))
     assert stats["finish_reason"] == "stop"
+
+
+def test_generate_shows_the_prompt_with_its_completion(run_dir, capsys):
+    args = ["--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "12"]
+    assert main(["generate", *args]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(x):")
+    (line,) = out.err.strip().splitlines()  # one plain line, no JSON without --json
+    assert line.startswith("plain: 12 tokens in ") and "1.00 tokens per forward" in line
+    assert main(["generate", *args, "--completion-only"]) == 0
+    assert out.out == "def f(x):" + capsys.readouterr().out
+
+
+def test_compare_runs_both_modes_and_says_they_agree(run_dir, capsys):
+    args = ["--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "16"]
+    assert main(["generate", *args, "--compare"]) == 0
+    out = capsys.readouterr()
+    plain, spec = out.err.strip().splitlines()
+    assert plain.startswith("plain greedy: 16 tokens")
+    assert spec.startswith("self-speculative: 16 tokens") and spec.endswith(
+        "identical to greedy: yes"
+    )
+    assert "x plain greedy" in spec
+    assert main(["generate", *args, "--compare", "--json"]) == 0
+    report = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert report["identical_to_greedy"] is True
+    assert report["plain"]["tokens_per_forward"] == 1.0
+    assert report["speculative"]["tokens"] == 16
+    assert main(["generate", *args]) == 0
+    assert capsys.readouterr().out == out.out  # --compare prints the greedy text once

@@ -2,10 +2,14 @@
 
     mtp generate --checkpoint runs/tiny-cpu --prompt "def fib(n):" --max-tokens 64 --speculative
 
-The completion goes to stdout; decoding statistics (tokens per forward, acceptance rate per head
-position, speed) go to stderr as one JSON line. The prompt and --max-tokens share the model's
-context (model.max_seq_len): more --max-tokens than it holds is an error; a prompt longer than
-what is left keeps its end, with a warning line saying how many tokens were cut.
+The prompt and its completion go to stdout (`--completion-only`: the completion alone); one line
+per decoding mode on stderr: tokens, tokens/s, tokens per forward (`--json`: one JSON line of
+statistics instead, with the acceptance rate per head position). `--compare` decodes greedily
+with and without self-speculation and says whether the two texts are identical.
+
+The prompt and --max-tokens share the model's context (model.max_seq_len): more --max-tokens than
+it holds is an error; a prompt longer than what is left keeps its end, with a warning line saying
+how many tokens were cut.
 """
 
 from __future__ import annotations
@@ -85,6 +89,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def mode_line(name: str, stats, plain_seconds: float | None = None, same=None) -> str:
+    """One plain line about a decoding run: tokens, speed, tokens per forward (and, for the
+    speculative run of --compare, its speed-up and whether its text equals greedy's)."""
+    line = (
+        f"{name}: {stats.tokens} tokens in {stats.seconds:.2f} s, "
+        f"{stats.tokens / max(stats.seconds, 1e-9):.1f} tokens/s, "
+        f"{stats.tokens_per_forward:.2f} tokens per forward"
+    )
+    if plain_seconds is not None:
+        line += f", {plain_seconds / max(stats.seconds, 1e-9):.2f}x plain greedy"
+    if same is not None:
+        line += f", identical to greedy: {'yes' if same else 'NO'}"
+    return line
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -96,23 +115,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = Generator(model, tokenizer)
     check_max_tokens(args.max_tokens, generator)
     _check_speculative(args, generator)
+    if args.compare and args.temperature > 0:
+        raise ConfigError(
+            "--compare runs greedy and self-speculative decoding: use --temperature 0"
+        )
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    config = GenerationConfig(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        stop=tuple(args.stop),
-        speculative=args.speculative,
-        n_draft=args.n_draft,
-        seed=args.seed,
-    )
-    [completion], stats = generator.generate([prompt], config)
+    modes = (False, True) if args.compare else (args.speculative,)
+    runs = {}
+    for speculative in modes:
+        config = GenerationConfig(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            stop=tuple(args.stop),
+            speculative=speculative,
+            n_draft=args.n_draft,
+            seed=args.seed,
+        )
+        [completion], stats = generator.generate([prompt], config)
+        runs[speculative] = (completion, stats)
+    completion, stats = runs[modes[0]]
     warning = cut_warning([completion.prompt_dropped], args.max_tokens, generator)
     if warning:
         print(f"mtp generate: {warning}", file=sys.stderr)
-    sys.stdout.write(completion.text + ("" if completion.text.endswith("\n") else "\n"))
-    report = {"finish_reason": completion.finish_reason, **stats.as_dict()}
-    print(json.dumps(report), file=sys.stderr)
+    text = completion.text if args.completion_only else prompt + completion.text
+    sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+    sys.stdout.flush()  # the text before the lines about it, on a terminal showing both
+    reports = {
+        ("speculative" if spec else "plain"): {"finish_reason": c.finish_reason, **st.as_dict()}
+        for spec, (c, st) in runs.items()
+    }
+    if args.compare:
+        same = runs[True][0].tokens == runs[False][0].tokens
+        plain_s = runs[False][1].seconds
+        print(mode_line("plain greedy", runs[False][1]), file=sys.stderr)
+        print(mode_line("self-speculative", runs[True][1], plain_s, same), file=sys.stderr)
+        if args.json:
+            print(json.dumps({**reports, "identical_to_greedy": same}), file=sys.stderr)
+    else:
+        name = "self-speculative" if args.speculative else "plain"
+        if args.temperature > 0:
+            name = "sampled"
+        if args.json:
+            print(json.dumps(next(iter(reports.values()))), file=sys.stderr)
+        else:
+            print(mode_line(name, stats), file=sys.stderr)
     return 0
 
 
@@ -139,5 +186,17 @@ def register(subparsers) -> None:
         help="greedy self-speculative decoding with the extra heads (same output, fewer forwards)",
     )
     p.add_argument("--n-draft", type=int, default=None, help="draft heads to use (default all)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="decode greedily twice, plain and self-speculative: one line each (speed, tokens "
+        "per forward) and whether the texts are identical",
+    )
+    p.add_argument(
+        "--completion-only", action="store_true", help="print the completion without the prompt"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="decoding statistics as one JSON line on stderr"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_generate)
