@@ -190,3 +190,26 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypat
     assert {"loss_per_head.png", "config.yaml", "tokenizer"} <= artifacts
     assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports it; must not leak to later runs
+
+
+def test_trainer_leaves_the_callers_config_and_signal_handlers_alone(tmp_path, corpus):
+    """The vocabulary and pad id come from the tokenizer into the trainer's own copy of the
+    config; the SIGTERM / SIGUSR1 handlers that checkpoint-and-exit are only there during fit."""
+    import signal
+
+    cfg = tiny_cfg(tmp_path / "run", corpus, "train.max_steps=2")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    trainer = Trainer(cfg)
+    assert cfg.model.vocab_size == 0 and cfg.model.pad_id == -1
+    assert trainer.cfg.model.vocab_size == ckpt.padded_vocab(trainer.tokenizer.vocab_size)
+    seen = {}
+    step = trainer.engine.train_step
+
+    def spy(batches):
+        seen.update({sig: signal.getsignal(sig) for sig in before})
+        return step(batches)
+
+    trainer.engine.train_step = spy
+    trainer.fit()
+    assert all(seen[sig] == trainer._request_stop for sig in before)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
