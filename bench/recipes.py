@@ -102,18 +102,19 @@ def main() -> None:
         records = [json.loads(x) for x in lines]
         train_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
         q = score(run_dir, args.limit)
-        rows.append({"name": name, "overrides": overrides, "steps": steps,
-                     "tokens": sum(r["tokens"] for r in records), "probe_step_s": step_s,
-                     "train_s": train_s, "wall_s": wall, **q})  # fmt: skip
+        # The quality report's own `tokens` are the held-out tokens scored; training's differ.
+        rows.append({**q, "name": name, "overrides": overrides, "steps": steps,
+                     "train_tokens": sum(r["tokens"] for r in records), "probe_step_s": step_s,
+                     "train_s": train_s, "wall_s": wall})  # fmt: skip
         r = rows[-1]
-        print(f"{name}: {steps} steps, {r['tokens']:,} tokens, train {train_s:.0f} s "
+        print(f"{name}: {steps} steps, {r['train_tokens']:,} tokens, train {train_s:.0f} s "
               f"(wall {wall:.0f} s), bits/byte {r['bits_per_byte']:.3f} (gzip "
               f"{r['gzip_bits_per_byte']:.3f})", flush=True)  # fmt: skip
     print(f"\n{'variant':<10}{'steps':>7}{'tokens':>11}{'train s':>9}{'bits/B':>8}{'gzip':>7}"
           f"{'acc h1..h4':>26}")  # fmt: skip
     for r in rows:
         acc = " ".join(f"{a:.2f}" for a in r["head_accuracy"])
-        print(f"{r['name']:<10}{r['steps']:>7}{r['tokens']:>11,}{r['train_s']:>9.0f}"
+        print(f"{r['name']:<10}{r['steps']:>7}{r['train_tokens']:>11,}{r['train_s']:>9.0f}"
               f"{r['bits_per_byte']:>8.3f}{r['gzip_bits_per_byte']:>7.3f}{acc:>26}")  # fmt: skip
     print(json.dumps({"budget_s": args.budget_s, "limit": args.limit, "variants": rows}))
 
