@@ -115,6 +115,32 @@ def compare(dec: Decoder, groups: list[list[list[int]]], args, eos: int) -> dict
     }
 
 
+def fused_vs_modules(fused: Decoder, modules: Decoder, prompts, args, eos: int) -> dict:
+    """Plain greedy at batch 1 through the fused layers (the Decoder's default) and through the
+    model's own modules (what decoding ran before), alternating, best of --repeats each."""
+    wall = {"fused": 0.0, "modules": 0.0}
+    outs: dict[str, list] = {"fused": [], "modules": []}
+    for q in prompts:
+        best = {"fused": float("inf"), "modules": float("inf")}
+        for rep in range(args.repeats):
+            order = ("fused", "modules") if rep % 2 == 0 else ("modules", "fused")
+            for name in order:
+                dec = fused if name == "fused" else modules
+                w, _, out = timed(dec, [q], False, args, eos)
+                best[name] = min(best[name], w)
+                if rep == 0:
+                    outs[name].extend(out.tokens)
+        for name in wall:
+            wall[name] += best[name]
+    tokens = sum(len(t) for t in outs["fused"])
+    return {
+        "fused_tokens_per_s": round(tokens / wall["fused"], 1),
+        "modules_tokens_per_s": round(tokens / wall["modules"], 1),
+        "speedup": round(wall["modules"] / wall["fused"], 3),
+        "identical": outs["fused"] == outs["modules"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
@@ -163,6 +189,13 @@ def main() -> None:
             f"{r['acceptance_rate']}  plain {r['plain_tokens_per_s']} tok/s  speculative "
             f"{r['speculative_tokens_per_s']} tok/s  identical {r['identical_to_greedy']}"
         )
+    paths = fused_vs_modules(dec, Decoder(model, vocab_limit=tok.vocab_size, fused=False),
+                             prompts, args, tok.eos_id)  # fmt: skip
+    print(
+        f"plain greedy, batch 1: fused layers {paths['fused_tokens_per_s']} tok/s, the model's "
+        f"modules {paths['modules_tokens_per_s']} tok/s ({paths['speedup']:.2f}x), identical "
+        f"{paths['identical']}"
+    )
     for r in (single, batched):
         del r["outputs"]
     cfg = model.cfg
@@ -174,6 +207,7 @@ def main() -> None:
         "acceptance_rate": single["acceptance_rate"],
         "batched": {"batch_size": args.batch, **batched},
         "single": single,
+        "plain_fused_vs_modules": paths,
         "checkpoint": str(ckpt),
         "model": {
             "n_future": cfg.n_future,

@@ -58,11 +58,13 @@ def reference_greedy(model: MTPModel, prompt: list[int], steps: int) -> list[int
     return ids[len(prompt) :]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("vocab", [BYTE_VOCAB, SP_VOCAB])
-def test_cached_greedy_matches_uncached_model(vocab):
+def test_cached_greedy_matches_uncached_model(vocab, fused):
+    """Both decoding paths (fused layers, the default; the model's own modules) are the model."""
     model = random_model(2, vocab)
     prompts = prompts_for(vocab)
-    out = Decoder(model).run(prompts, max_new_tokens=16)
+    out = Decoder(model, fused=fused).run(prompts, max_new_tokens=16)
     assert out.tokens == [reference_greedy(model, p, 16) for p in prompts]
     assert out.finish_reasons == ["length"] * len(prompts)
     assert out.stats.tokens_per_forward == 1.0
@@ -243,3 +245,20 @@ def test_stats_merge_and_dict():
     m = a.merge(b)
     assert (m.tokens, m.forwards, m.proposed, m.accepted) == (8, 5, [3, 2], [3, 1])
     assert m.acceptance_rate == [1.0, 0.5] and m.as_dict()["tokens_per_forward"] == 1.6
+
+
+def test_fused_block_is_the_block():
+    """FusedBlock computes what Block computes, with a cache, in float64 to roundoff."""
+    from mtp_dist.inference.fused import FusedBlock
+    from mtp_dist.inference.kv_cache import ModelCache
+
+    model = random_model(2, BYTE_VOCAB)
+    block = model.trunk[0]
+    x = torch.randn(3, 7, model.cfg.d_model, dtype=torch.float64)
+    positions = torch.arange(7).expand(3, 7)
+    cos, sin = model.rotary(positions)
+    outs = []
+    for run in (block, FusedBlock(block)):
+        cache = ModelCache(1, 0, torch.zeros(3, dtype=torch.long), capacity=16)
+        outs.append(run(x, cos, sin, cache.trunk[0]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)

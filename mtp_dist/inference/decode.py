@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import MTPModel
+from .fused import FusedBlock, FusedUnembedding
 from .heads import DraftHeads, head_block, unembedding
 from .kv_cache import ModelCache
 from .sampling import Stopper, mask_vocab, sample
@@ -108,13 +109,32 @@ class DecodeResult:
 class Decoder:
     """Decodes batches of token-id prompts with one MTPModel (single process, eval mode)."""
 
-    def __init__(self, model: MTPModel, *, vocab_limit: int | None = None) -> None:
+    def __init__(
+        self, model: MTPModel, *, vocab_limit: int | None = None, fused: bool = True
+    ) -> None:
+        """`fused`: run the trunk and head 1 as `FusedBlock`s (fused.py; the same arithmetic in
+        fewer operations); False runs the model's own modules (the benchmark's comparison)."""
         self.model = model
         self.vocab_limit = vocab_limit
         self.n_future = model.heads.n_future
-        self.head1 = head_block(model, 0)
-        self.unembed = unembedding(model)
+        head1 = head_block(model, 0)
+        self.blocks = [FusedBlock(b) for b in model.trunk] if fused else list(model.trunk)
+        self.head1 = FusedBlock(head1) if fused else head1
+        unembed = unembedding(model)
+        self.unembed = (
+            FusedUnembedding(unembed.norm.weight, unembed.proj.weight, unembed.norm.eps)
+            if fused
+            else unembed
+        )
         self._drafters: dict[int, DraftHeads] = {}
+
+    def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
+        """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary tables."""
+        cos, sin = self.model.rotary(positions)
+        x = self.model.embed(ids)  # (B, T, d)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cos, sin, cache)
+        return x, cos, sin
 
     def drafter(self, n_draft: int) -> DraftHeads:
         if n_draft not in self._drafters:
@@ -203,7 +223,7 @@ class _Run:
         for b, p in enumerate(self.prompts):
             ids[b, : len(p)] = torch.tensor(p)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        h, cos, sin = self.model.trunk_forward(ids, positions, self.cache.trunk)  # (B, T, d)
+        h, cos, sin = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
         last = torch.tensor(lengths, device=self.device) - 1
         rows = torch.arange(B, device=self.device)
         x = self.dec.head1(h, cos, sin, self.cache.heads[0])[rows, last]  # (B, d)
@@ -217,7 +237,7 @@ class _Run:
 
     def plain_step(self, choose) -> None:
         positions = self.cache.lengths[:, None]  # (B, 1)
-        h, cos, sin = self.model.trunk_forward(self.pending[:, None], positions, self.cache.trunk)
+        h, cos, sin = self.dec.trunk(self.pending[:, None], positions, self.cache.trunk)
         x = self.dec.head1(h, cos, sin, self.cache.heads[0])[:, 0]  # (B, d)
         self.pending = choose(self.dec.logits(x))
         self.cache.commit(1)
@@ -227,24 +247,13 @@ class _Run:
     def _verify(self, block: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head 1's greedy tokens along the block and the accepted draft count per row.
 
-        Column by column, and only for rows whose drafts so far all matched: a row's logits
-        past its first mismatch are never needed. On a CPU the unembedding is compute-bound,
-        so this saves (width - accepted - 1) of its rows per sequence; it also makes each
-        row's projection the same call shape as in plain batched decoding.
-        Returns greedy (B, w) (entries past a row's first mismatch are -1) and accepted (B,)."""
-        B, w = block.shape
-        greedy = torch.full_like(block, -1)
-        accepted = torch.zeros(B, dtype=torch.long, device=block.device)
-        alive = torch.arange(B, device=block.device)  # rows whose drafts all matched so far
-        for j in range(w):
-            g = self.dec.logits(x[alive, j]).argmax(dim=-1)  # (A,)
-            greedy[alive, j] = g
-            if j == w - 1:
-                break
-            alive = alive[block[alive, j + 1] == g]  # greedy agrees with the next draft
-            if alive.numel() == 0:
-                break
-            accepted[alive] += 1
+        One unembedding over all w positions of every row: decoding one sequence on a CPU is
+        bound by reading the weights, and the (d, V) unembedding is the largest of them, so one
+        read for the whole block costs about what one position would (docs/benchmarks.md).
+        Returns greedy (B, w) and accepted (B,): how many leading drafts equal greedy."""
+        greedy = self.dec.logits(x).argmax(dim=-1)  # (B, w)
+        match = (block[:, 1:] == greedy[:, :-1]).long()  # draft j+1 agrees with greedy j
+        accepted = match.cumprod(dim=1).sum(dim=1)  # (B,) leading agreements
         return greedy, accepted
 
     def speculative_step(self) -> None:
@@ -253,7 +262,7 @@ class _Run:
         # Positions past the context end only occur in blocks whose tail cannot be emitted
         # (the budget stops first); clamping keeps the rotary lookup in range for them.
         positions = (self.cache.lengths[:, None] + self.steps).clamp(max=self.max_len - 1)
-        h, cos, sin = self.model.trunk_forward(block, positions, self.cache.trunk)  # (B, w, d)
+        h, cos, sin = self.dec.trunk(block, positions, self.cache.trunk)  # (B, w, d)
         x = self.dec.head1(h, cos, sin, self.cache.heads[0])  # (B, w, d)
         greedy, accepted = self._verify(block, x)
         rows = torch.arange(B, device=self.device)
