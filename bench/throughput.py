@@ -7,6 +7,9 @@ and their steps are interleaved (n1, n4, n1, n4, ...) so machine noise hits both
 per token count every matmul of forward + backward (3x forward): trunk and head layers
 (projections and attention scores) and one unembedding per head. The implementation adds nothing
 beyond the arithmetic when ratio_step_time_n4_vs_n1 <= 1.05 * ratio_flops_n4_vs_n1.
+With transformers installed, its `LlamaForCausalLM` of the n = 1 shape (same width, layers,
+heads, FFN, vocabulary; SDPA attention; the same AdamW step) runs interleaved with them: the peer
+a next-token step is compared with (`ratio_n1_vs_transformers_tokens_per_s`).
 Prints a table, then one JSON object (last line).
 
 `--device cuda` runs the same on the GPU (synchronised timing); `--bf16` adds bf16 autocast there,
@@ -36,6 +39,29 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     )  # projections + QK^T and AV (full, not causal)
     forward = 2 * (layers * per_layer + cfg.n_future * d * V)
     return 3.0 * forward
+
+
+def transformers_llama(cfg: ModelConfig, device: torch.device):
+    """transformers' LlamaForCausalLM of the next-token model's shape, or None without it."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_width,
+        num_hidden_layers=cfg.trunk_layers + 1,
+        num_attention_heads=cfg.n_attn_heads,
+        num_key_value_heads=cfg.n_attn_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device).train()
 
 
 def main() -> None:
@@ -72,6 +98,9 @@ def main() -> None:
         )
         models[n] = MTPModel(cfgs[n]).to(device)
         opts[n] = torch.optim.AdamW(models[n].parameters(), lr=1e-4)
+    peer = transformers_llama(cfgs[1], device)
+    if peer is not None:
+        models["hf"], opts["hf"] = peer, torch.optim.AdamW(peer.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     batches = [
         torch.randint(0, args.vocab, (args.batch, args.seq + 4), generator=g).to(device)
@@ -84,34 +113,42 @@ def main() -> None:
         start = time.perf_counter()
         opts[n].zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = models[n](inputs, labels).loss
+            if n == "hf":  # next-token loss on the same tokens, float32 as ours
+                logits = models[n](input_ids=inputs).logits.float()
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels[:, : args.seq].reshape(-1)
+                )
+            else:
+                loss = models[n](inputs, labels).loss
         loss.backward()
         opts[n].step()
         sync()
         return time.perf_counter() - start
 
-    times: dict[int, list[float]] = {1: [], 4: []}
+    names = [n for n in (1, 4, "hf") if n in models]
+    times: dict = {n: [] for n in names}
     for k in range(args.warmup + args.steps):
-        for n in (1, 4):
+        for n in names:
             t = step(n, k)
             if k >= args.warmup:
                 times[n].append(t)
 
     tokens = args.batch * args.seq
     rows = {}
-    for n in (1, 4):
+    for n in names:
         median = statistics.median(times[n])
         rows[n] = {
             "step_s": round(median, 4),
             "tokens_per_s": round(tokens / median, 1),
-            "flops_per_token": flops_per_token(cfgs[n], args.seq),
+            "flops_per_token": flops_per_token(cfgs[1 if n == "hf" else n], args.seq),
             "params": sum(p.numel() for p in models[n].parameters()),
         }
     print(f"{'model':<8}{'step s':>10}{'tok/s':>10}{'GFLOP/tok':>12}{'params':>12}")
     for n, r in rows.items():
         gf = r["flops_per_token"] / 1e9
+        label = "hf n=1" if n == "hf" else f"n={n}"
         print(
-            f"n={n:<6}{r['step_s']:>10.4f}{r['tokens_per_s']:>10.0f}{gf:>12.4f}{r['params']:>12,}"
+            f"{label:<8}{r['step_s']:>10.4f}{r['tokens_per_s']:>10.0f}{gf:>12.4f}{r['params']:>12,}"
         )
     ratio_time = rows[4]["step_s"] / rows[1]["step_s"]
     ratio_flops = rows[4]["flops_per_token"] / rows[1]["flops_per_token"]
@@ -123,6 +160,11 @@ def main() -> None:
         "ratio_flops_n4_vs_n1": round(ratio_flops, 3),
         "overhead_vs_arithmetic": round(ratio_time / ratio_flops, 3),
     }
+    if "hf" in rows:
+        summary["transformers_n1"] = rows["hf"]
+        summary["ratio_n1_vs_transformers_tokens_per_s"] = round(
+            rows[1]["tokens_per_s"] / rows["hf"]["tokens_per_s"], 3
+        )
     print(json.dumps(summary))
 
 
