@@ -3,7 +3,8 @@
 Training settings for code (docs/data.md; measured ~3.5-3.8 bytes/token on Python with an exact
 round trip): byte fallback (no <unk> for any valid text),
 identity normalisation, whitespace kept verbatim (indentation pieces like "▁▁▁▁"), digits
-split. Ids: <unk>=0, BOS <s>=1, EOS </s>=2, PAD <pad>=3, and "\n"=4.
+split. Ids: <unk>=0, BOS <s>=1, EOS </s>=2, PAD <pad>=3, and "\n"=4 (a foreign model's
+newline id is looked up in it: `newline_id`).
 
 Newlines: sentencepiece trains line by line, so "\n" never occurs in a training sentence and
 would otherwise be encoded as the byte piece <0x0A>. We register "\n" itself as a
@@ -28,6 +29,7 @@ from .base import TOKENIZER_JSON
 
 MODEL_FILE = "tokenizer.model"
 NEWLINE = "\n"
+BYTE_NEWLINE = "<0x0A>"  # the byte-fallback piece of "\n"
 
 
 class SentencePieceTokenizer:
@@ -48,21 +50,25 @@ class SentencePieceTokenizer:
         self._proto = proto
         self._sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self._sp.get_piece_size()
-        self.bos_id, self.eos_id, self.pad_id = (
-            self._sp.bos_id(),
-            self._sp.eos_id(),
-            self._sp.pad_id(),
-        )
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.unk_id = self._sp.unk_id()
-        if min(self.bos_id, self.eos_id, self.pad_id) < 0:
-            raise ValueError("sentencepiece model must define BOS, EOS and PAD ids")
+        if min(self.bos_id, self.eos_id) < 0:
+            raise ValueError("sentencepiece model must define BOS and EOS ids")
+        # Llama-2's model defines no PAD; its <unk> stands in (byte fallback never emits it, so
+        # ignoring its labels ignores only padding).
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.unk_id
+        # Ours register "\n" as an atomic user-defined symbol, so lines can be encoded apart;
+        # a model trained elsewhere (Llama-2's) may only have the byte piece <0x0A>, and then
+        # whole texts are encoded (its dummy prefix starts the text, not every line).
         nl = self._sp.piece_to_id(NEWLINE)
-        # A model trained elsewhere may lack the newline symbol; then whole texts are encoded.
+        self._split_lines = nl != self.unk_id
+        if not self._split_lines:
+            nl = self._sp.piece_to_id(BYTE_NEWLINE)
         self.newline_id: int | None = None if nl == self.unk_id else nl
         self._drop = {self.bos_id, self.eos_id, self.pad_id, self.unk_id}
 
     def encode(self, text: str) -> list[int]:
-        if self.newline_id is None:
+        if not self._split_lines:
             return self._sp.encode(text, num_threads=1)
         lines = text.split(NEWLINE)
         # num_threads=1: the data builder parallelises over processes already.
