@@ -26,6 +26,8 @@ _SUBCOMMANDS = {
     "generate": ("mtp_dist.inference.cli", "complete a prompt with a checkpoint"),
     "eval": ("mtp_dist.eval.cli", "HumanEval / MBPP pass@k of a checkpoint"),
     "checkpoint": ("mtp_dist.checkpoint.cli", "checkpoint tools"),
+    "export": ("mtp_dist.checkpoint.export_cli", "write a checkpoint in another format"),
+    "import": ("mtp_dist.checkpoint.import_cli", "read a model from another format"),
 }
 
 # The errors whose message is the whole story, by module: an error can only be one of these if
@@ -80,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         runtime = make_runtime(cfg, _launch_env())
     try:
-        Trainer(cfg, runtime, resume=args.resume).fit()
+        Trainer(cfg, runtime, resume=args.resume, init_from=args.init_from).fit()
     finally:
         if runtime is not None:
             runtime.close()
@@ -107,6 +109,11 @@ def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser
     )
     train.add_argument("overrides", nargs="*", help="config overrides, key=value")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CKPT",
+        help="start a fresh run from this checkpoint's weights and tokenizer (not a resume)",
+    )
     train.add_argument(
         "--distributed",
         action="store_true",

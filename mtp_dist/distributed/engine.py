@@ -14,6 +14,7 @@ part, so every layout starts from exactly the weights `LocalEngine` would start 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -73,9 +74,15 @@ def deepspeed_config(cfg: RunConfig, topo: Topology, bf16: bool) -> dict:
     }
 
 
-def build_model(cfg: RunConfig, topo: Topology, rank: int) -> MTPModel:
-    """This rank's part of the model, initialised from the single-process weights. Its
-    parameters carry their canonical names (mtp_dist/model/params.py)."""
+def build_model(
+    cfg: RunConfig,
+    topo: Topology,
+    rank: int,
+    initial: Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> MTPModel:
+    """This rank's part of the model, initialised from the single-process weights: `initial`
+    (canonical name, full tensor), e.g. a checkpoint's (`--init-from`), or the random init.
+    Its parameters carry their canonical names (mtp_dist/model/params.py)."""
     from megatron.core import parallel_state
 
     tp_group = parallel_state.get_tensor_model_parallel_group()  # also the head-parallel group
@@ -96,7 +103,8 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> MTPModel:
     if head_parallel:
         mark_head_params(model, table)
     model = model.to(dtype)
-    initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
+    if initial is None:
+        initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
     load_initial_params(model, initial, table, topo.coord(rank).model, topo.tensor)
     if sequence_parallel:
         reduce_sequence_parallel_grads(model, tp_group)
@@ -106,7 +114,9 @@ def build_model(cfg: RunConfig, topo: Topology, rank: int) -> MTPModel:
 class DeepSpeedTrainEngine:
     """TrainEngine over DeepSpeed for the layout `topo` (groups already built)."""
 
-    def __init__(self, cfg: RunConfig, topo: Topology, rank: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, topo: Topology, rank: int, device: torch.device, initial=None
+    ) -> None:
         import deepspeed
         from megatron.core import parallel_state
 
@@ -117,7 +127,7 @@ class DeepSpeedTrainEngine:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pipe_group = parallel_state.get_pipeline_model_parallel_group()
         self.bf16 = uses_bf16(cfg.train.precision, device)
-        model = build_model(cfg, topo, rank)
+        model = build_model(cfg, topo, rank, initial)
         # Parameters by identity -> canonical name: the pipeline module re-nests the same
         # parameter objects under its own names, so names are taken before it exists.
         self._names = {param: name for name, param in model.named_parameters()}

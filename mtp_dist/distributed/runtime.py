@@ -68,10 +68,10 @@ class DistributedRuntime(Runtime):
         self.is_main = env.rank == 0
         self.dp_rank, self.dp_size = coord.data, self.topology.data
 
-    def build_engine(self, cfg: RunConfig):
+    def build_engine(self, cfg: RunConfig, initial=None):
         from .engine import DeepSpeedTrainEngine
 
-        return DeepSpeedTrainEngine(cfg, self.topology, self.rank, self.device)
+        return DeepSpeedTrainEngine(cfg, self.topology, self.rank, self.device, initial)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum over every rank of the job."""

@@ -7,6 +7,10 @@ reads the environment or touches process groups itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
+
 from ..config import RunConfig
 from ..model import MTPModel
 from .engine import LocalEngine, TrainEngine
@@ -17,8 +21,15 @@ class Runtime:
     dp_rank: int = 0
     dp_size: int = 1
 
-    def build_engine(self, cfg: RunConfig) -> TrainEngine:
-        return LocalEngine(MTPModel(cfg.model), cfg.train, cfg.data.seq_len)
+    def build_engine(
+        self, cfg: RunConfig, initial: Iterable[tuple[str, torch.Tensor]] | None = None
+    ) -> TrainEngine:
+        """The engine; `initial` (canonical name, full tensor), when given, replaces the random
+        initial weights (`mtp train --init-from`)."""
+        model = MTPModel(cfg.model)
+        if initial is not None:
+            model.load_state_dict(dict(initial))
+        return LocalEngine(model, cfg.train, cfg.data.seq_len)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum over all ranks (for throughput and stop flags)."""

@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import RunConfig, load_config, to_yaml
+from ..config import ConfigError, RunConfig, load_config, to_yaml
 from ..model import parameter_table
 from ..tracking import make_tracker
 from .data import check_corpus, make_loaders, prepare_shards, prepare_tokenizer
@@ -81,12 +81,35 @@ def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
     return out
 
 
+def _model_differences(ours, saved) -> str:
+    """`model.key=ours (checkpoint: saved)` for each key where two ModelConfigs differ."""
+    return ", ".join(
+        f"model.{key}={getattr(ours, key)!r} (checkpoint: {value!r})"
+        for key, value in asdict(saved).items()
+        if getattr(ours, key) != value
+    )
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, runtime: Runtime | None = None, resume: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        runtime: Runtime | None = None,
+        resume: bool = False,
+        init_from: str | Path | None = None,
+    ):
+        """`init_from`: a checkpoint (or run) whose weights and tokenizer a fresh run starts
+        from instead of the random init (ignored when resuming: the run's own checkpoint wins)."""
         # A copy: the vocabulary and pad id below come from the tokenizer, and the caller's
         # config stays as the caller made it. `self.cfg` is the resolved one the run uses.
         cfg = copy.deepcopy(cfg)
         self.cfg = cfg
+        self.init_from = None
+        if init_from is not None:
+            self.init_from = ckpt.resolve_checkpoint(init_from)
+            # The tokenizer is the checkpoint's: the weights only mean something with it.
+            cfg.data.tokenizer = load_config(self.init_from / "config.yaml").data.tokenizer
+            cfg.data.tokenizer_path = str(self.init_from / "tokenizer")
         self.runtime = runtime or Runtime()
         self.run_dir = Path(cfg.run_dir)
         check_corpus(cfg)  # a corpus of nothing is refused before anything is written
@@ -125,7 +148,10 @@ class Trainer:
             cfg, manifest, self.tokenizer, self.runtime
         )
         seed_everything(cfg.train.seed)  # same initial weights however the data was prepared
-        self.engine = self.runtime.build_engine(cfg)
+        initial = None
+        if self.init_from is not None and existing is None:
+            initial = self._initial_weights(self.init_from)
+        self.engine = self.runtime.build_engine(cfg, initial)
         self.step = 0
         self.bad_steps = 0
         self.history: list[dict] = []
@@ -134,14 +160,25 @@ class Trainer:
             self._restore(existing)
 
     # -- checkpoints ------------------------------------------------------------------------
+    def _initial_weights(self, path: Path):
+        """(canonical name, tensor) of `path`'s model, whose config must be this run's."""
+        from ..checkpoint.weights import read_weights
+
+        weights = read_weights(path)
+        saved = weights.cfg.model
+        if saved.pad_id < 0:  # left to the tokenizer when it was written, as in _setup
+            saved = replace(saved, pad_id=weights.tokenizer.pad_id)
+        if saved != self.cfg.model:
+            differ = _model_differences(self.cfg.model, saved)
+            raise ConfigError(f"--init-from {path}: model config differs: {differ}")
+        if self.runtime.is_main:
+            print(f"initial weights from {path}")
+        return weights.stream()
+
     def _restore(self, path: Path) -> None:
         saved = load_config(path / "config.yaml").model
         if saved != self.cfg.model:
-            differ = ", ".join(
-                f"model.{key}={getattr(self.cfg.model, key)!r} (checkpoint: {value!r})"
-                for key, value in asdict(saved).items()
-                if getattr(self.cfg.model, key) != value
-            )
+            differ = _model_differences(self.cfg.model, saved)
             raise TrainingAborted(f"model config differs from the one in {path}: {differ}")
         try:
             self.engine.load(path)

@@ -1,0 +1,156 @@
+"""Hugging Face export: the next-token model as a transformers `LlamaForCausalLM` directory.
+
+    config.json, generation_config.json   a Llama config: layers = trunk + head 1
+    model.safetensors                     trunk + head 1 + final norm + unembedding, HF names
+    tokenizer.json, tokenizer_config.json encodes like ours (mtp_dist/tokenizers/hf.py)
+    mtp_heads.safetensors, mtp_heads.json heads 2..n under Llama layer names, and which is which
+
+The name table `_HF` maps each ParamSpec (owner + path) to a Hugging Face name; `to_hf` and
+`from_hf` are both built from it (torchtitan's StateDictAdapter pattern). Our attention rotates
+in the half-split convention, as transformers' Llama does, so q/k are copied unpermuted (the
+logits test in tests/test_interop.py is what shows it). Both RMSNorms compute in float32 with
+weight-only scaling; SwiGLU w_gate / w_up / w_down are HF's gate_proj / up_proj / down_proj.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import ParamSpec, parameter_table
+from .layout import CheckpointError
+from .weights import atomic_dir, read_weights
+
+HEADS_FILE = "mtp_heads.safetensors"
+HEADS_INDEX = "mtp_heads.json"
+
+# Path inside one of our Blocks -> path inside a transformers LlamaDecoderLayer.
+_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_down.weight": "mlp.down_proj.weight",
+}
+_HF = {
+    "embed": {"weight": "model.embed_tokens.weight"},
+    "unembed": {"norm.weight": "model.norm.weight", "proj.weight": "lm_head.weight"},
+    "trunk": {path: "model.layers.{}." + hf for path, hf in _BLOCK.items()},
+    # Head 1 is the Llama model's last layer; heads 2..n keep the same layer names under
+    # `mtp_heads.{head number}.` in mtp_heads.safetensors.
+    "head": {path: "mtp_heads.{}." + hf for path, hf in _BLOCK.items()},
+}
+
+
+def hf_name(spec: ParamSpec, cfg: ModelConfig) -> str:
+    """The Hugging Face name of one parameter (heads 2..n: their name in mtp_heads)."""
+    pattern = _HF[spec.owner.kind][spec.path]
+    if spec.owner.kind == "trunk":
+        return pattern.format(spec.owner.index)
+    if spec.owner.kind == "head":
+        if spec.owner.index == 0:
+            return _HF["trunk"][spec.path].format(cfg.trunk_layers)
+        return pattern.format(spec.owner.index + 1)
+    return pattern
+
+
+def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Canonical state dict -> Hugging Face names (head 1 in the Llama model, heads 2..n as
+    `mtp_heads.{i}.*`)."""
+    return {hf_name(spec, cfg): state[name] for name, spec in parameter_table(cfg).items()}
+
+
+def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf` (names must be exactly the model's)."""
+    names = {hf_name(spec, cfg): name for name, spec in parameter_table(cfg).items()}
+    unknown = sorted(set(hf_state) - set(names))
+    missing = sorted(set(names) - set(hf_state))
+    if unknown or missing:
+        raise CheckpointError(
+            f"Hugging Face weights do not match the model: missing {missing[:3]} "
+            f"({len(missing)}), unexpected {unknown[:3]} ({len(unknown)})"
+        )
+    return {names[k]: v for k, v in hf_state.items()}
+
+
+def hf_config(cfg: ModelConfig, tokenizer) -> dict:
+    """config.json of the next-token model. vocab_size is the model's padded embedding size;
+    the tokenizer's ids are its first tokenizer.vocab_size rows."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_width,
+        "num_hidden_layers": cfg.trunk_layers + 1,
+        "num_attention_heads": cfg.n_attn_heads,
+        "num_key_value_heads": cfg.n_attn_heads,
+        "head_dim": cfg.d_model // cfg.n_attn_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters, 4.x rope_theta: both, the same value.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+
+
+def _heads_index(cfg: ModelConfig) -> dict:
+    table = parameter_table(cfg)
+    heads = []
+    for i in range(1, cfg.n_future):
+        specs = [s for s in table.values() if s.owner.kind == "head" and s.owner.index == i]
+        tensors = {hf_name(s, cfg): s.name for s in specs}
+        heads.append({"head": i + 1, "predicts": f"token t+{i + 1}", "tensors": tensors})
+    return {
+        "format": "mtp_dist.mtp_heads/1",
+        "n_future": cfg.n_future,
+        "next_token_head": f"model.layers.{cfg.trunk_layers} (head 1, predicts token t+1)",
+        "shared": "model.norm.weight and lm_head.weight: every head's final norm + unembedding",
+        "file": HEADS_FILE,
+        "heads": heads,
+    }
+
+
+def export_hf(source: str | Path, out: str | Path) -> Path:
+    """Write the Hugging Face directory of a single-process checkpoint; returns `out`."""
+    from safetensors.torch import save_file
+
+    from ..tokenizers.hf import save_hf_tokenizer
+
+    weights = read_weights(source)
+    cfg = weights.cfg.model
+    hf = {k: v.float().contiguous() for k, v in to_hf(weights.state, cfg).items()}
+    heads = {k: hf.pop(k) for k in [k for k in hf if k.startswith("mtp_heads.")]}
+    with atomic_dir(out) as tmp:
+        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if heads:
+            save_file(heads, str(tmp / HEADS_FILE), metadata={"format": "pt"})
+            (tmp / HEADS_INDEX).write_text(json.dumps(_heads_index(cfg), indent=2) + "\n")
+        tok = weights.tokenizer
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tok), indent=2) + "\n")
+        generation = {
+            "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id,
+            "pad_token_id": tok.pad_id,
+            # The padded embedding rows are no tokens: never generate them (as our Decoder).
+            "suppress_tokens": list(range(tok.vocab_size, cfg.vocab_size)),
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_hf_tokenizer(tok, tmp)
+    return Path(out)
