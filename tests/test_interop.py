@@ -129,7 +129,8 @@ def test_hf_names_round_trip(runs):
 # -- Meta ------------------------------------------------------------------------------------
 def meta_forward(directory: Path, ids: torch.Tensor) -> torch.Tensor:
     """Logits (n_future, B, T, V) of every head, computed as Meta's llama/model.py does
-    (interleaved complex rotary, trunk = layers[:-1], heads = [layers[-1], *extra_heads])."""
+    (interleaved complex rotary; `layers` = n_layers - n_future + 1 blocks, the trunk = layers[:-1],
+    the heads = [layers[-1], *extra_heads])."""
     params = json.loads((directory / "params.json").read_text())
     w = torch.load(directory / "consolidated.00.pth", weights_only=True)
     dim, n_heads, eps = params["dim"], params["n_heads"], params["norm_eps"]
@@ -158,12 +159,12 @@ def meta_forward(directory: Path, ids: torch.Tensor) -> torch.Tensor:
         ff = F.silu(h @ w[p + "feed_forward.w1.weight"].T) * (h @ w[p + "feed_forward.w3.weight"].T)
         return x + ff @ w[p + "feed_forward.w2.weight"].T
 
-    n_layers = params["n_layers"]
+    n_future = params["n_future_tokens"]
+    n_layers = params["n_layers"] - n_future + 1  # Meta's len(self.layers)
     x = w["tok_embeddings.weight"][ids]
     for i in range(n_layers - 1):
         x = block(x, f"layers.{i}.")
-    heads = [f"layers.{n_layers - 1}."]
-    heads += [f"extra_heads.{j}." for j in range(params["n_future_tokens"] - 1)]
+    heads = [f"layers.{n_layers - 1}."] + [f"extra_heads.{j}." for j in range(n_future - 1)]
     return torch.stack([norm(block(x, p), w["norm.weight"]) @ w["output.weight"].T for p in heads])
 
 
@@ -184,7 +185,7 @@ def test_meta_round_trip_is_bit_identical(tmp_path, capsys, runs, llama_tok):
     run = runs["llama"]  # Llama-2-like tokenizer: dummy prefix, newline <0x0A>, no PAD
     assert cli(capsys, "export", "meta", str(run), str(tmp_path / "meta"))[0] == 0
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
-    assert params["n_layers"] == 3 and params["n_future_tokens"] == 3
+    assert params["n_layers"] == 5 and params["n_future_tokens"] == 3  # 2 trunk + 3 heads
     code, err = cli(
         capsys, "import", "meta", str(tmp_path / "meta"), "--out", str(tmp_path / "run"),
         "--max-seq-len", "256",

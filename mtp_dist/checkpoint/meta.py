@@ -2,7 +2,7 @@
 e.g. 7B_1T_4), both ways: `export_meta` (checkpoint -> directory) and `import_meta` (directory ->
 a run directory with one complete checkpoint).
 
-    params.json           dim, n_layers (trunk + 1), n_heads, n_kv_heads, vocab_size,
+    params.json           dim, n_layers (trunk + n heads), n_heads, n_kv_heads, vocab_size,
                           multiple_of, ffn_dim_multiplier, norm_eps, rope_theta, n_future_tokens
     consolidated.00.pth   tok_embeddings, layers.{0..trunk} (the trunk, then head 1),
                           extra_heads.{0..n-2} (heads 2..n), norm, output
@@ -110,7 +110,7 @@ def meta_params(cfg: ModelConfig) -> dict:
     multiple_of, multiplier = ffn_params(cfg.d_model, cfg.ffn_width)
     return {
         "dim": cfg.d_model,
-        "n_layers": cfg.trunk_layers + 1,
+        "n_layers": cfg.trunk_layers + cfg.n_future,  # every block: `layers` + `extra_heads`
         "n_heads": cfg.n_attn_heads,
         "n_kv_heads": cfg.n_attn_heads,
         "vocab_size": cfg.vocab_size,
@@ -157,9 +157,15 @@ def model_config(params: dict, tokenizer, max_seq_len: int, where: Path) -> Mode
     """Our ModelConfig of a params.json (CheckpointError for what we cannot represent)."""
     try:
         dim, n_heads = int(params["dim"]), int(params["n_heads"])
-        n_future, trunk = int(params.get("n_future_tokens", 1)), int(params["n_layers"]) - 1
+        # n_layers counts every block: `layers` (trunk + head 1), then n_future - 1 extra heads.
+        n_future = int(params.get("n_future_tokens", 1))
+        trunk = int(params["n_layers"]) - n_future
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: missing or bad key {err}") from None
+    if trunk < 0 or n_future < 1:
+        raise CheckpointError(
+            f"{where}: n_layers={trunk + n_future} cannot hold n_future_tokens={n_future} heads"
+        )
     n_kv = params.get("n_kv_heads") or n_heads
     if n_kv != n_heads:
         raise CheckpointError(
