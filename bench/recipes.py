@@ -1,15 +1,18 @@
-"""Recipe variants under one training-time budget, scored on held-out code, side by side.
+"""Recipe variants under one training budget, scored on held-out code, side by side.
 
-    python bench/recipes.py --budget-s 300 [--only base lr2e-3 ...] [--limit 20]
+    python bench/recipes.py --budget-s 300 --base-step-s 0.65 [--only base vocab2k ...]
 
-For each variant (overrides on configs/tiny-cpu.yaml, all n = 4): a short in-process timing
-probe (a few optimizer steps of that shape on random tokens) gives its step time, from which
-`train.max_steps` is set so that training takes about the budget; then `mtp train` runs it (its
-own tokenizer and shards under --out/NAME, as a user's run would), and the checkpoint is scored
-by mtp_dist.eval.quality on the first --limit files of CPython's test suite (head-1 bits per
-byte, per-head accuracy) next to gzip -9 on the same files. Variants run one after another in
-one invocation, so machine differences hit them alike (not load from other processes: run it
-on a quiet machine). Prints a table, then one JSON object.
+For each variant (overrides on configs/tiny-cpu.yaml, all n = 4) `train.max_steps` is set so
+that training takes about the budget. The step time: with `--base-step-s S` (the base recipe's
+measured seconds per step on a quiet machine), S times the variant's training FLOPs per step
+over the base's (bench/throughput.py's count), i.e. FLOP-matched budgets, which time-matched
+ones approximate (per-operation overhead differs between shapes); without it, a timing probe of
+a few optimizer steps, reliable only on a quiet machine (another process's load during the probe
+distorts it: seen here as 24 and 130 steps instead of ~500). Then `mtp train` runs the variant
+(its own tokenizer and shards under --out/NAME, as a user's run would), and the checkpoint is
+scored by mtp_dist.eval.quality on the first --limit files of CPython's test suite (head-1 bits
+per byte, per-head accuracy) next to gzip -9 on the same files. Prints a line per variant, a
+table, then one JSON object.
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ def step_seconds(overrides: list[str], threads: int, steps: int = 6) -> float:
     return min(times)
 
 
+def step_flops(overrides: list[str]) -> float:
+    """Training FLOPs of one optimizer step of this variant (bench/throughput.py's count)."""
+    from throughput import flops_per_token
+
+    from mtp_dist.checkpoint import padded_vocab
+    from mtp_dist.config import load_config
+
+    cfg = load_config(RECIPE, [*overrides, "run_dir=/tmp/unused"])
+    cfg.model.vocab_size = padded_vocab(cfg.data.sp_vocab_size)
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+    return flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+
+
 def score(run_dir: Path, limit: int) -> dict:
     from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
     from mtp_dist.config import load_config
@@ -83,11 +99,17 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=20, help="held-out files scored")
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
     p.add_argument("--out", default="/tmp/mtp-recipes", help="run directories")
+    p.add_argument(
+        "--base-step-s", type=float, help="the base recipe's seconds per step: FLOP-scaled steps"
+    )
     args = p.parse_args()
     rows = []
     for name in args.only or list(VARIANTS):
         overrides = VARIANTS[name]
-        step_s = step_seconds(overrides, args.threads)
+        if args.base_step_s:
+            step_s = args.base_step_s * step_flops(overrides) / step_flops([])
+        else:
+            step_s = step_seconds(overrides, args.threads)
         steps = max(20, int(args.budget_s / step_s))
         run_dir = Path(args.out) / name
         cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
