@@ -143,14 +143,14 @@ class Trainer:
         if cfg.model.pad_id < 0:
             cfg.model.pad_id = self.tokenizer.pad_id
         ckpt.check_tokenizer(cfg, self.tokenizer, self.run_dir)
+        initial = None  # checked before the data is built: a mismatch is refused at once
+        if self.init_from is not None and existing is None:
+            initial = self._initial_weights(self.init_from)
         manifest = prepare_shards(cfg, self.tokenizer, self.runtime)
         self.train_loader, self.val_loader = make_loaders(
             cfg, manifest, self.tokenizer, self.runtime
         )
         seed_everything(cfg.train.seed)  # same initial weights however the data was prepared
-        initial = None
-        if self.init_from is not None and existing is None:
-            initial = self._initial_weights(self.init_from)
         self.engine = self.runtime.build_engine(cfg, initial)
         self.step = 0
         self.bad_steps = 0
@@ -168,8 +168,11 @@ class Trainer:
         saved = weights.cfg.model
         if saved.pad_id < 0:  # left to the tokenizer when it was written, as in _setup
             saved = replace(saved, pad_id=weights.tokenizer.pad_id)
-        if saved != self.cfg.model:
-            differ = _model_differences(self.cfg.model, saved)
+        # The FFN width counts, not how it was written (0 = our rule, or explicit on import).
+        ours = replace(self.cfg.model, ffn_hidden=self.cfg.model.ffn_width)
+        saved = replace(saved, ffn_hidden=saved.ffn_width)
+        if saved != ours:
+            differ = _model_differences(ours, saved)
             raise ConfigError(f"--init-from {path}: model config differs: {differ}")
         if self.runtime.is_main:
             print(f"initial weights from {path}")
