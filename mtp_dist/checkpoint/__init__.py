@@ -28,6 +28,12 @@ _EXPORTS = {
     "consolidate": "shards",
     "merge_shards": "shards",
     "shard_path": "shards",
+    "CheckpointWeights": "weights",
+    "check_state": "weights",
+    "read_weights": "weights",
+    "export_hf": "hf",
+    "export_meta": "meta",
+    "import_meta": "meta",
 }
 __all__ = sorted(_EXPORTS)
 
