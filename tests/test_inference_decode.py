@@ -15,6 +15,7 @@ import torch
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.inference import Decoder, DecodeStats, Stopper
+from mtp_dist.inference.fused import rotary_table
 from mtp_dist.inference.heads import DraftHeads
 from mtp_dist.inference.kv_cache import CacheState, ModelCache
 from mtp_dist.inference.sampling import sample
@@ -179,8 +180,8 @@ def test_draft_heads_match_model_heads():
         for size, last in ((5, (4, 2)), (6, (5, 0)), (3, (2, 2))):
             last = torch.tensor(last)
             pos = kept[:, None] + torch.arange(size)  # (2, size) absolute positions per row
-            c, s = model.rotary(pos)
-            out = drafts(h[rows[:, None], pos], c, s, last, cache.heads[1])  # (2, 3, d)
+            freqs = rotary_table(model)[pos][:, :, None, None]
+            out = drafts(h[rows[:, None], pos], freqs, last, cache.heads[1])  # (2, 3, d)
             torch.testing.assert_close(out, ref[rows, kept + last], rtol=0, atol=1e-12)
             cache.commit(last + 1)
             kept += last + 1
@@ -188,14 +189,16 @@ def test_draft_heads_match_model_heads():
 
 def test_cache_state_masks_and_rollback():
     state = CacheState(torch.tensor([2, 0]), capacity=8)
-    write, mask, used = state.slots(3)
+    write, mask, used = state.slots(3, torch.float32)
     assert write.tolist() == [[2, 3, 4], [0, 1, 2]] and used == 5
-    assert mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-    assert mask[1, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    seen = (mask == 0).int()  # additive mask: 0 where attended, -inf elsewhere
+    assert mask.dtype == torch.float32 and bool(torch.isinf(mask[mask != 0]).all())
+    assert seen[0, 0].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert seen[1, 0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
     state.commit(torch.tensor([1, 3]))  # row 0 keeps one of three (rollback), row 1 all
     assert state.lengths.tolist() == [3, 3]
     with pytest.raises(RuntimeError, match="KV cache full"):
-        state.slots(6)
+        state.slots(6, torch.float32)
 
 
 def test_sampling_rules():
@@ -248,17 +251,24 @@ def test_stats_merge_and_dict():
 
 
 def test_fused_block_is_the_block():
-    """FusedBlock computes what Block computes, with a cache, in float64 to roundoff."""
+    """FusedBlock computes what Block computes, with a cache (two forwards: 4 then 3 tokens), in
+    float64 to roundoff, though its q/k columns are pair-ordered and rotated as complex numbers."""
     from mtp_dist.inference.fused import FusedBlock
-    from mtp_dist.inference.kv_cache import ModelCache
 
     model = random_model(2, BYTE_VOCAB)
     block = model.trunk[0]
     x = torch.randn(3, 7, model.cfg.d_model, dtype=torch.float64)
     positions = torch.arange(7).expand(3, 7)
     cos, sin = model.rotary(positions)
+    freqs = rotary_table(model)[positions][:, :, None, None]
     outs = []
-    for run in (block, FusedBlock(block)):
+    for fused in (False, True):
+        run = FusedBlock(block) if fused else block
         cache = ModelCache(1, 0, torch.zeros(3, dtype=torch.long), capacity=16)
-        outs.append(run(x, cos, sin, cache.trunk[0]))
+        parts = []
+        for lo, hi in ((0, 4), (4, 7)):
+            rot = (freqs[:, lo:hi],) if fused else (cos[:, lo:hi], sin[:, lo:hi])
+            parts.append(run(x[:, lo:hi], *rot, cache.trunk[0]))
+            cache.commit(hi - lo)
+        outs.append(torch.cat(parts, dim=1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)

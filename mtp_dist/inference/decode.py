@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..model import MTPModel
-from .fused import FusedBlock, FusedUnembedding
+from .fused import FusedBlock, FusedUnembedding, rotary_table
 from .heads import DraftHeads, head_block, unembedding
 from .kv_cache import ModelCache
 from .sampling import Stopper, mask_vocab, sample
@@ -127,14 +128,34 @@ class Decoder:
             else unembed
         )
         self._drafters: dict[int, DraftHeads] = {}
+        self.fused = fused
+        self.freqs = rotary_table(model)  # (max_len, hd/2) complex
+        self.embedding = model.embed.weight.detach()
 
     def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
-        """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary tables."""
-        cos, sin = self.model.rotary(positions)
-        x = self.model.embed(ids)  # (B, T, d)
+        """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary factors
+        (fused path: complex (B, T, 1, 1, hd/2); module path: the model's (cos, sin))."""
+        if self.fused:
+            rot = self.freqs[positions][:, :, None, None]
+            x = F.embedding(ids, self.embedding)  # (B, T, d)
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, rot, cache)
+            return x, rot
+        cos, sin = rot = self.model.rotary(positions)
+        x = self.model.embed(ids)
         for block, cache in zip(self.blocks, caches):
             x = block(x, cos, sin, cache)
-        return x, cos, sin
+        return x, rot
+
+    def head1_hidden(self, h: torch.Tensor, rot, cache) -> torch.Tensor:
+        return self.head1(h, rot, cache) if self.fused else self.head1(h, *rot, cache)
+
+    def draft_rot(self, rot, span: int) -> torch.Tensor:
+        """The draft heads' rotary factors for the first `span` block positions."""
+        if self.fused:
+            return rot[:, :span]
+        cos, sin = (t[:, :span] for t in rot)
+        return torch.complex(cos, sin)[:, :, None, None]
 
     def drafter(self, n_draft: int) -> DraftHeads:
         if n_draft not in self._drafters:
@@ -211,9 +232,10 @@ class _Run:
         self.steps = torch.arange(self.width, device=self.device)
 
     # -- forwards ---------------------------------------------------------------------------
-    def _draft(self, h, cos, sin, last: torch.Tensor) -> torch.Tensor:
+    def _draft(self, h, rot, last: torch.Tensor) -> torch.Tensor:
         """Next drafts (B, width-1) from the draft heads read at block index `last` (B,)."""
-        hidden = self.drafter(h, cos, sin, last, self.cache.heads[1])  # (B, width-1, d)
+        freqs = self.dec.draft_rot(rot, h.shape[1])
+        hidden = self.drafter(h, freqs, last, self.cache.heads[1])  # (B, width-1, d)
         return self.dec.logits(hidden).argmax(dim=-1)
 
     def prefill(self, choose) -> None:
@@ -223,13 +245,13 @@ class _Run:
         for b, p in enumerate(self.prompts):
             ids[b, : len(p)] = torch.tensor(p)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        h, cos, sin = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
+        h, rot = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
         last = torch.tensor(lengths, device=self.device) - 1
         rows = torch.arange(B, device=self.device)
-        x = self.dec.head1(h, cos, sin, self.cache.heads[0])[rows, last]  # (B, d)
+        x = self.dec.head1_hidden(h, rot, self.cache.heads[0])[rows, last]  # (B, d)
         self.pending = choose(self.dec.logits(x))
         if self.drafter is not None:
-            self.drafts = self._draft(h, cos, sin, last)
+            self.drafts = self._draft(h, rot, last)
         # Pad slots past each prompt were written but are not kept (the next forward overwrites).
         self.cache.commit(last + 1)
         self._count_forward()
@@ -237,8 +259,8 @@ class _Run:
 
     def plain_step(self, choose) -> None:
         positions = self.cache.lengths[:, None]  # (B, 1)
-        h, cos, sin = self.dec.trunk(self.pending[:, None], positions, self.cache.trunk)
-        x = self.dec.head1(h, cos, sin, self.cache.heads[0])[:, 0]  # (B, d)
+        h, rot = self.dec.trunk(self.pending[:, None], positions, self.cache.trunk)
+        x = self.dec.head1_hidden(h, rot, self.cache.heads[0])[:, 0]  # (B, d)
         self.pending = choose(self.dec.logits(x))
         self.cache.commit(1)
         self._count_forward()
@@ -247,24 +269,27 @@ class _Run:
     def _verify(self, block: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head 1's greedy tokens along the block and the accepted draft count per row.
 
-        Column by column, and only for rows whose drafts so far all matched: a row's logits
-        past its first mismatch are never needed. On a CPU the unembedding is compute-bound,
-        so this saves (width - accepted - 1) of its rows per sequence; it also makes each
-        row's projection the same call shape as in plain batched decoding.
-        Returns greedy (B, w) (entries past a row's first mismatch are -1) and accepted (B,)."""
+        The first two columns in one unembedding call (the first is always needed and the
+        second whenever the first draft is accepted, which a trained head 2 mostly is: one call
+        over two rows cost ~1.1-1.5x one row on the CPUs measured, two calls 2x); then column
+        by column, only for rows whose drafts so far all matched: a row's logits past its first
+        mismatch are never needed, and the later heads are accepted far less often.
+        Returns greedy (B, w) (entries past a row's first mismatch are unused, some -1) and
+        accepted (B,)."""
         B, w = block.shape
+        first = min(w, 2)
         greedy = torch.full_like(block, -1)
-        accepted = torch.zeros(B, dtype=torch.long, device=block.device)
-        alive = torch.arange(B, device=block.device)  # rows whose drafts all matched so far
-        for j in range(w):
-            g = self.dec.logits(x[alive, j]).argmax(dim=-1)  # (A,)
-            greedy[alive, j] = g
-            if j == w - 1:
+        greedy[:, :first] = self.dec.logits(x[:, :first]).argmax(dim=-1)
+        accepted = (block[:, 1:first] == greedy[:, : first - 1]).long().sum(dim=1)
+        alive = torch.nonzero(accepted == first - 1).flatten()  # rows with all drafts matched
+        for j in range(first, w):
+            if alive.numel() == 0:
                 break
-            alive = alive[block[alive, j + 1] == g]  # greedy agrees with the next draft
+            alive = alive[block[alive, j] == greedy[alive, j - 1]]
             if alive.numel() == 0:
                 break
             accepted[alive] += 1
+            greedy[alive, j] = self.dec.logits(x[alive, j]).argmax(dim=-1)  # (A,)
         return greedy, accepted
 
     def speculative_step(self) -> None:
@@ -273,14 +298,14 @@ class _Run:
         # Positions past the context end only occur in blocks whose tail cannot be emitted
         # (the budget stops first); clamping keeps the rotary lookup in range for them.
         positions = (self.cache.lengths[:, None] + self.steps).clamp(max=self.max_len - 1)
-        h, cos, sin = self.dec.trunk(block, positions, self.cache.trunk)  # (B, w, d)
-        x = self.dec.head1(h, cos, sin, self.cache.heads[0])  # (B, w, d)
+        h, rot = self.dec.trunk(block, positions, self.cache.trunk)  # (B, w, d)
+        x = self.dec.head1_hidden(h, rot, self.cache.heads[0])  # (B, w, d)
         greedy, accepted = self._verify(block, x)
         rows = torch.arange(B, device=self.device)
         # Draft heads only need the kept positions 0..accepted: keys/values for their cache,
         # and their output at `accepted` (the last kept position) for the next drafts.
         span = int(accepted.max()) + 1
-        self.drafts = self._draft(h[:, :span], cos[:, :span], sin[:, :span], accepted)
+        self.drafts = self._draft(h[:, :span], rot, accepted)
         self.cache.commit(accepted + 1)
         self.pending = greedy[rows, accepted]
         # Statistics: draft j counts as proposed when emitting it could fit in the budget.

@@ -1,14 +1,26 @@
 """Transformer layers in the form decoding runs them: the same arithmetic, fewer operations.
 
-Decoding a small model on a CPU is dominated by per-operation overhead (a layer's arithmetic for
-one token is a few microseconds; dispatching its ~45 tensor operations and ~12 module calls
-costs most of a millisecond). `FusedBlock` computes exactly what `mtp_dist.model.layers.Block`
-computes with about half the operations: q, k and v from one matmul over their stacked weights,
-gate and up from another, q and k rotated in one call, RMSNorm through `F.rms_norm`, and no
-module calls. The norm gains stay separate multiplications (folding them into the weights, as
-the draft heads do, would change the rounding of the next-token path), so outputs equal the
-module path up to floating-point roundoff between differently shaped matmuls (exact in the
-float64 tests, which compare decoding with the uncached model token for token).
+Decoding a small model on a CPU is dominated by per-operation overhead: a layer's matmuls for
+one token take ~0.1 ms, and each of its other tensor operations costs 3-30 µs of dispatch
+whatever its size (docs/benchmarks.md, "Decoding with fewer operations"). `FusedBlock`
+computes exactly what `mtp_dist.model.layers.Block` computes in about 20 operations and no
+module calls:
+
+- q, k and v from one matmul over their stacked weights, gate and up from another, the
+  residual adds folded into `addmm`; projections stored (in, out), contiguous (`x @ w` over
+  that layout ran ~2x faster than F.linear over (out, in) for one token on the CPUs measured);
+- rotary embedding as ONE complex multiplication of q and k together. The model rotates
+  halves of each head (dims i and i + hd/2 form a pair); here the q/k output columns are
+  permuted once so that each pair is adjacent, a complex number. Both q and k get the same
+  permutation, so every dot product q·k sums the same products (the cache holds keys in the
+  permuted order, consistently); the rotation itself is the same four products and two sums;
+- RMSNorm as four elementwise operations (faster than `F.rms_norm`'s CPU kernel at these sizes);
+- an additive float attention mask shared by every layer (kv_cache.py).
+
+The norm gains stay separate multiplications (folding them into the weights, as the draft heads
+do, would change the rounding of the next-token path), so outputs equal the module path up to
+floating-point roundoff between differently shaped matmuls (exact in the float64 tests, which
+compare decoding with the uncached model token for token).
 """
 
 from __future__ import annotations
@@ -16,52 +28,68 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.layers import Block, apply_rotary
+from ..model.layers import Block
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) [* gain] over the last dim (the model's RMSNorm)."""
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+    return x if gain is None else x * gain
+
+
+def pair_order(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Output-column order that puts each rotary pair (i, i + hd/2) of every head side by side."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return (torch.arange(n_heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def rotary_table(model) -> torch.Tensor:
+    """The model's rotary tables as unit complex numbers cos + i·sin: (max_len, hd/2)."""
+    return torch.complex(model.rope_cos, model.rope_sin)
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate pair-ordered vectors x (..., hd) by complex freqs broadcasting to (..., hd/2)."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs).flatten(-2)
 
 
 class FusedBlock:
     """A `Block`'s weights (shared, not copied, except the stacked projections) and its forward
-    with a KV cache: `(x (B, T, d), cos, sin, cache) -> (B, T, d)`."""
+    with a KV cache: `(x (B, T, d), freqs (B | 1, T, 1, 1, hd/2) complex, cache) -> (B, T, d)`."""
 
     def __init__(self, block: Block) -> None:
         attn, mlp = block.attn, block.mlp
         self.head_dim = attn.head_dim
         self.eps = block.attn_norm.eps
+        self.ffn = mlp.w_gate.weight.shape[0]
         w = lambda layer: layer.weight.detach()
-        # Projections stored (in, out), contiguous: `x @ w` over that layout ran ~2x faster than
-        # F.linear over (out, in) for one token on the CPUs measured (docs/benchmarks.md).
-        t = lambda *layers: torch.cat([w(x) for x in layers], dim=0).t().contiguous()
+        d = w(attn.wq).shape[1]
+        order = pair_order(d // self.head_dim, self.head_dim)
+        t = lambda *ws: torch.cat(ws, dim=0).t().contiguous()
         self.attn_gain = w(block.attn_norm)
         self.mlp_gain = w(block.mlp_norm)
-        self.wqkv = t(attn.wq, attn.wk, attn.wv)  # (d, 3d)
-        self.wo = t(attn.wo)  # (d, d)
-        self.w_gate_up = t(mlp.w_gate, mlp.w_up)  # (d, 2f)
-        self.w_down = t(mlp.w_down)  # (f, d)
+        self.wqkv = t(w(attn.wq)[order], w(attn.wk)[order], w(attn.wv))  # (d, 3d)
+        self.wo = t(w(attn.wo))  # (d, d)
+        self.w_gate_up = t(w(mlp.w_gate), w(mlp.w_up))  # (d, 2f)
+        self.w_down = t(w(mlp.w_down))  # (f, d)
 
-    def __call__(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, freqs: torch.Tensor, cache) -> torch.Tensor:
         B, T, d = x.shape
         hd = self.head_dim
         H = d // hd
-        h = F.rms_norm(x, (d,), self.attn_gain, self.eps)
-        qkv = (h @ self.wqkv).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-        qk = apply_rotary(qkv[:2].reshape(2 * B, H, T, hd), *_twice(cos, sin, B))
-        q, k = qk.view(2, B, H, T, hd)
-        k_all, v_all, mask = cache.update(k, qkv[2])
+        x = x.reshape(B * T, d)
+        qkv = (rms_norm(x, self.attn_gain, self.eps) @ self.wqkv).view(B, T, 3, H, hd)
+        qk = rotate(qkv[:, :, :2], freqs)  # (B, T, 2, H, hd), pair-ordered
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # (B, H, T, hd)
+        k_all, v_all, mask = cache.update(k, qkv[:, :, 2].transpose(1, 2))
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, hd)
-        x = x + y.transpose(1, 2).reshape(B, T, d) @ self.wo
-        h = F.rms_norm(x, (d,), self.mlp_gain, self.eps)
-        gate, up = (h @ self.w_gate_up).chunk(2, dim=-1)
-        return x + (F.silu(gate) * up) @ self.w_down
-
-
-def _twice(cos: torch.Tensor, sin: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables for q and k stacked along the batch: per-sequence tables (B, T, hd/2) are
-    repeated; shared ones (T, hd/2) broadcast as they are."""
-    if cos.dim() == 3:
-        return cos.repeat(2, 1, 1), sin.repeat(2, 1, 1)
-    return cos, sin
+        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, d), self.wo)
+        gate_up = rms_norm(x, self.mlp_gain, self.eps) @ self.w_gate_up
+        f = self.ffn
+        x = torch.addmm(x, F.silu(gate_up[:, :f]) * gate_up[:, f:], self.w_down)
+        return x.view(B, T, d)
 
 
 class FusedUnembedding:
@@ -72,4 +100,4 @@ class FusedUnembedding:
         self.proj = proj_weight.detach().t().contiguous()  # (d, V)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.gain, self.eps) @ self.proj
+        return rms_norm(x, self.gain, self.eps) @ self.proj

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MTPModel
-from ..model.layers import Block, LocalLayers, Unembedding, apply_rotary
+from ..model.layers import Block, LocalLayers, Unembedding
+from .fused import pair_order, rotate
 from .kv_cache import LayerCache
 
 
@@ -54,7 +55,7 @@ class DraftHeads:
     Decoding small models on a CPU is dominated by per-operation overhead, so this path keeps
     the operation count low: each RMSNorm's gain is folded into the matmul after it
     ((x_hat * g) @ W == x_hat @ (g[:, None] * W)), q/k/v come from one bmm, and q and k get
-    their rotary embedding in one call."""
+    their rotary embedding in one complex multiplication."""
 
     def __init__(self, model: MTPModel, first: int, count: int) -> None:
         cfg = model.cfg
@@ -63,7 +64,10 @@ class DraftHeads:
         w = [_weights(model, model.heads.head_param_names[i]) for i in range(first, first + count)]
         stack = lambda key: torch.stack([x[key] for x in w])  # (K, out, in) or (K, d)
         t = lambda key: stack(key).transpose(1, 2)  # (K, in, out) for bmm
-        qkv = [t(f"attn.{name}.weight") for name in ("wq", "wk", "wv")]
+        # q/k output columns pair-ordered for the complex rotary multiplication (fused.py).
+        order = pair_order(self.n_heads, self.head_dim)
+        qkv = [t(f"attn.{name}.weight")[:, :, order] for name in ("wq", "wk")]
+        qkv.append(t("attn.wv.weight"))
         gate_up = [t("mlp.w_gate.weight"), t("mlp.w_up.weight")]
         self.wqkv = torch.cat(qkv, dim=2) * stack("attn_norm.weight")[:, :, None]  # (K, d, 3d)
         self.w_gate_up = torch.cat(gate_up, dim=2) * stack("mlp_norm.weight")[:, :, None]
@@ -73,22 +77,22 @@ class DraftHeads:
     def __call__(
         self,
         h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        freqs: torch.Tensor,
         last: torch.Tensor,
         cache: LayerCache,
     ) -> torch.Tensor:
-        """Trunk output h (B, S, d) of the S new cache positions; `last` (B,): per sequence the
-        position (index into S) whose head outputs are wanted. Returns (B, K, d)."""
+        """Trunk output h (B, S, d) of the S new cache positions, their rotary factors `freqs`
+        (B, S, 1, 1, hd/2) complex (fused.py); `last` (B,): per sequence the position (index
+        into S) whose head outputs are wanted. Returns (B, K, d)."""
         B, S, d = h.shape
         K, H, hd = self.count, self.n_heads, self.head_dim
         rows = torch.arange(B, device=h.device)
         xn = F.rms_norm(h, (d,), eps=self.eps).reshape(1, B * S, d).expand(K, -1, -1)
         qkv = torch.bmm(xn, self.wqkv).view(K, B, S, 3, H, hd)
-        # q and k of all K heads side by side: (B, 2*K*H, S, hd), one rotary call.
-        qk = qkv[:, :, :, :2].permute(1, 3, 0, 4, 2, 5).reshape(B, 2 * K * H, S, hd)
-        q, k = apply_rotary(qk, cos, sin).split(K * H, dim=1)
-        v = qkv[:, :, :, 2].permute(1, 0, 3, 2, 4).reshape(B, K * H, S, hd)
+        qk = rotate(qkv[:, :, :, :2], freqs)  # (K, B, S, 2, H, hd): all heads, one call
+        # The K heads' attention heads side by side: (B, K*H, S, hd).
+        side = lambda t: t.permute(1, 0, 3, 2, 4).reshape(B, K * H, S, hd)
+        q, k, v = side(qk[:, :, :, 0]), side(qk[:, :, :, 1]), side(qkv[:, :, :, 2])
         # Keys and values of all S positions go to the cache; the query only at `last`.
         k_all, v_all, mask = cache.update(k, v)  # mask (B, 1, S, used)
         q = q[rows, :, last][:, :, None]  # (B, K*H, 1, hd)
