@@ -249,14 +249,23 @@ def _read_file(task: Task, limits: Limits) -> tuple[bytes | None, str, str]:
 
 def process_task(task: Task, tokenizer: Tokenizer, limits: Limits) -> TaskResult:
     """Read, check and tokenize one task. Runs in a worker process; never raises on bad input."""
-    result = TaskResult(files=1 if task.kind == "file" or task.start == 0 else 0)
+    result = TaskResult()
     dtype = _token_dtype(tokenizer)
+    for name, text in task_documents(task, limits, result):
+        _add_document(result, name, text, tokenizer, dtype)
+    return result
+
+
+def task_documents(task: Task, limits: Limits, result: TaskResult) -> Iterator[tuple[str, str]]:
+    """(name, text) of every usable document of a task, in order. What is not usable goes to
+    `result.skips` with its reason; files and bytes read are counted in `result`."""
+    result.files += 1 if task.kind == "file" or task.start == 0 else 0
     if task.kind == "file":
         data, reason, detail = _read_file(task, limits)
         if data is None:
             result.skips.append((task.name, reason, detail))
-            return result
-        result.bytes_in = len(data)
+            return
+        result.bytes_in += len(data)
         reason = _problem(data, limits)
         if reason is None:
             try:
@@ -265,9 +274,9 @@ def process_task(task: Task, tokenizer: Tokenizer, limits: Limits) -> TaskResult
                 reason, detail = "invalid_utf8", f"byte {err.start}"
         if reason is not None:
             result.skips.append((task.name, reason, detail))
-            return result
-        _add_document(result, task.name, text, tokenizer, dtype)
-        return result
+            return
+        yield task.name, text
+        return
 
     try:
         with open(task.path, "rb") as f:
@@ -275,8 +284,8 @@ def process_task(task: Task, tokenizer: Tokenizer, limits: Limits) -> TaskResult
             chunk = f.read(task.end - task.start)
     except OSError as err:
         result.skips.append((task.name, "unreadable", f"{type(err).__name__}: {err.strerror}"))
-        return result
-    result.bytes_in = len(chunk)
+        return
+    result.bytes_in += len(chunk)
     offset = task.start
     for line in chunk.split(b"\n"):
         name, offset = f"{task.path}@{offset}", offset + len(line) + 1
@@ -299,5 +308,4 @@ def process_task(task: Task, tokenizer: Tokenizer, limits: Limits) -> TaskResult
         if reason is not None:
             result.skips.append((name, reason, ""))
             continue
-        _add_document(result, name, text, tokenizer, dtype)
-    return result
+        yield name, text
