@@ -4,133 +4,13 @@
     python bench/quality.py --checkpoint RUN --files DIR --limit 10 --context 256
     python bench/quality.py --compressors-only                   # gzip/xz only, no model
 
-Held-out files: CPython's own test suite by default (the stdlib training corpus leaves it out,
-data_pipeline.STDLIB_EXCLUDE), the first --limit usable .py files in sorted order. Every file
-token is scored once by strided windows of the training context (mtp_dist/eval/quality.py);
-per-head top-1 accuracy on the same windows. The last line printed is one JSON object.
+`mtp heldout` with --json (mtp_dist/eval/heldout_cli.py): held-out files are CPython's own test
+suite by default (the stdlib training corpus leaves it out), every file token scored once by
+strided windows of the training context, per-head top-1 accuracy on the same windows, results
+added to the training run's MLflow metrics as heldout/*. The last line printed is one JSON object.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import platform
-import sys
-import time
-
-import torch
-
-from mtp_dist.checkpoint import CheckpointError, load_for_inference, resolve_checkpoint
-from mtp_dist.config import load_config
-from mtp_dist.eval.quality import HELD_OUT, evaluate, select_files
-from mtp_dist.tokenizers import load_tokenizer
-
-
-def fail(message: str) -> None:
-    print(f"quality: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), ""
-            )
-    except OSError:
-        return ""
-
-
-def counts(skipped: dict) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none"
-
-
-def fmt(value, spec: str = ".3f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def print_table(r: dict, skipped: dict, seconds: float) -> None:
-    print("| metric | model | gzip -9 | xz -9e |\n|---|---:|---:|---:|")
-    for label, key in (("bits/byte, total", ""), ("bits/byte, file mean", "_file_mean")):
-        cells = [fmt(r[f"{name}bits_per_byte{key}"]) for name in ("", "gzip_", "xz_")]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    for i, acc in enumerate(r["head_accuracy"]):
-        print(f"| head {i + 1} top-1 accuracy (t+{i + 1}) | {acc:.3f} | | |")
-    print(f"| bits/token (head 1) | {fmt(r['bits_per_token'])} | | |")
-    print(
-        f"\nfiles {r['files']} (skipped: {counts(skipped)}), bytes {r['bytes']}, "
-        f"tokens {r['tokens']}, bytes/token {fmt(r['bytes_per_token'], '.2f')}, context "
-        f"{r['context']}, stride {r['stride']}, {seconds:.1f} s"
-    )
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="run or checkpoint directory")
-    p.add_argument("--files", default=str(HELD_OUT), help="directory of held-out .py files")
-    p.add_argument("--limit", type=int, default=60, help="number of files")
-    p.add_argument("--context", type=int, help="window length (default: training data.seq_len)")
-    p.add_argument("--stride", type=int, help="new tokens per window (default: context // 2)")
-    p.add_argument("--batch", type=int, default=16, help="windows per forward")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--compressors-only", action="store_true", help="skip the model")
-    args = p.parse_args()
-
-    torch.set_num_threads(args.threads)
-    model = tokenizer = ckpt = None
-    context = stride = None
-    if args.checkpoint is None and not args.compressors_only:
-        fail("--checkpoint is required (or --compressors-only)")
-    try:
-        if args.checkpoint is not None:
-            ckpt = resolve_checkpoint(args.checkpoint)
-            tokenizer = load_tokenizer(ckpt / "tokenizer")
-        if not args.compressors_only:
-            model, tokenizer = load_for_inference(ckpt, device=args.device)
-            context = args.context
-            if context is None:
-                context = load_config(ckpt / "config.yaml").data.seq_len
-            if not 1 <= context <= model.cfg.max_seq_len:
-                fail(
-                    f"--context {context} must be in [1, model.max_seq_len={model.cfg.max_seq_len}]"
-                )
-            stride = max(1, context // 2) if args.stride is None else args.stride
-            if not 1 <= stride <= context:
-                fail(f"--stride {stride} must be in [1, context={context}]")
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
-    files, skipped = select_files(args.files, args.limit, tokenizer)
-    if not files:
-        fail(f"no usable .py files under {args.files} (skipped: {counts(skipped)})")
-
-    start = time.perf_counter()
-    report = evaluate(
-        files,
-        model,
-        tokenizer,
-        context=context,
-        stride=stride,
-        batch_windows=args.batch,
-        progress=sys.stderr.isatty(),
-    )
-    seconds = time.perf_counter() - start
-    print_table(report, skipped, seconds)
-    report.update(
-        skipped=dict(skipped),
-        files_dir=args.files,
-        seconds=round(seconds, 2),
-        checkpoint=None if ckpt is None else str(ckpt),
-        machine={
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "cpu": cpu_name(),
-            "device": args.device,
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
-    print(json.dumps(report))
-
+from mtp_dist.eval.heldout_cli import bench_main
 
 if __name__ == "__main__":
-    main()
+    bench_main()

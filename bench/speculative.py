@@ -27,6 +27,7 @@ import torch
 
 from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
 from mtp_dist.inference import Decoder, Stopper
+from mtp_dist.tracking import log_to_training_run
 
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
 MIN_TOKENS = 16
@@ -154,6 +155,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
     p.add_argument("--n-draft", type=int, default=None, help="draft heads (default all)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also every draft count 1..n-1 at batch 1 and batch --batch (JSON by_n_draft)",
+    )
+    p.add_argument(
+        "--no-mlflow", action="store_true", help="do not add the results to the training run"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -196,6 +205,24 @@ def main() -> None:
         f"modules {paths['modules_tokens_per_s']} tok/s ({paths['speedup']:.2f}x), identical "
         f"{paths['identical']}"
     )
+    sweep = {}
+    if args.sweep:
+        for k in range(1, model.cfg.n_future):
+            sub = argparse.Namespace(**{**vars(args), "n_draft": k})
+            one = compare(dec, [[q] for q in prompts], sub, tok.eos_id)
+            many = compare(dec, batches, sub, tok.eos_id)
+            sweep[k] = {
+                "tokens_per_forward": one["tokens_per_forward"],
+                "speedup": one["speedup"],
+                "batched_speedup": many["speedup"],
+                "identical_to_greedy": one["outputs"] == single["outputs"]
+                and many["outputs"] == single["outputs"],
+            }
+            print(
+                f"n_draft {k}: batch 1 tokens/forward {one['tokens_per_forward']:.2f} speedup "
+                f"{one['speedup']:.2f}x; batch {args.batch} speedup {many['speedup']:.2f}x; "
+                f"identical {sweep[k]['identical_to_greedy']}"
+            )
     for r in (single, batched):
         del r["outputs"]
     cfg = model.cfg
@@ -208,6 +235,7 @@ def main() -> None:
         "batched": {"batch_size": args.batch, **batched},
         "single": single,
         "plain_fused_vs_modules": paths,
+        "by_n_draft": sweep,
         "checkpoint": str(ckpt),
         "model": {
             "n_future": cfg.n_future,
@@ -223,6 +251,15 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }
+    if not args.no_mlflow:
+        metrics = {
+            "decode/tokens_per_forward": single["tokens_per_forward"],
+            "decode/speedup_batch1": single["speedup"],
+            f"decode/speedup_batch{args.batch}": batched["speedup"],
+            "decode/plain_tokens_per_s_batch1": single["plain_tokens_per_s"],
+        }
+        if log_to_training_run(ckpt, metrics, {"decode.n_draft": str(report["n_draft"])}):
+            print("mlflow: decode/* metrics added to the training run", file=sys.stderr)
     print(json.dumps(report))
 
 

@@ -25,6 +25,7 @@ _SUBCOMMANDS = {
     "data": ("data_pipeline.cli", "data pipeline tools"),
     "generate": ("mtp_dist.inference.cli", "complete a prompt with a checkpoint"),
     "eval": ("mtp_dist.eval.cli", "HumanEval / MBPP pass@k of a checkpoint"),
+    "heldout": ("mtp_dist.eval.heldout_cli", "bits per byte on held-out code vs gzip / xz"),
     "checkpoint": ("mtp_dist.checkpoint.cli", "checkpoint tools"),
     "export": ("mtp_dist.checkpoint.export_cli", "write a checkpoint in another format"),
     "import": ("mtp_dist.checkpoint.import_cli", "read a model from another format"),

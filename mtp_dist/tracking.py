@@ -101,3 +101,35 @@ class MLflowTracker:
 
 def make_tracker(cfg: RunConfig, is_main: bool):
     return MLflowTracker(cfg) if cfg.tracking.enabled and is_main else NullTracker()
+
+
+def log_to_training_run(
+    checkpoint: str | Path, metrics: dict[str, float], tags: dict[str, str] | None = None
+) -> str | None:
+    """Add `metrics` (and tags) to the MLflow run that trained `checkpoint` (a checkpoint
+    directory `<run_dir>/checkpoints/step_N`, or the run directory), so that held-out quality
+    and decoding speed sit beside the training curves and runs compare on them in the UI.
+
+    Finds the run through `<run_dir>/mlflow_run_id` and the run's own config (the URI rule of
+    `tracking_uri`). Returns the run id, or None (logging nothing) where the run was trained
+    without tracking or its store is gone: evaluation never fails for want of a tracker."""
+    from .config import load_config
+
+    path = Path(checkpoint).resolve()
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
+    id_file, config = run_dir / "mlflow_run_id", run_dir / "config.yaml"
+    if not (id_file.is_file() and config.is_file()):
+        return None
+    cfg = load_config(config)
+    cfg.run_dir = str(run_dir)  # where the run is now, if it was moved since
+    import mlflow
+
+    try:
+        use_mlflow(tracking_uri(cfg), cfg.tracking.experiment, run_dir / "mlartifacts")
+        with mlflow.start_run(run_id=id_file.read_text().strip()) as run:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            if tags:
+                mlflow.set_tags(tags)
+            return run.info.run_id
+    except Exception:  # the run lives in another store (moved, or a server now down)
+        return None

@@ -191,6 +191,19 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypat
     assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow exports it; must not leak to later runs
 
+    # Evaluations add their results to this run (bench/quality.py, bench/speculative.py), found
+    # from a checkpoint directory or the run directory; a run without tracking gets nothing.
+    from mtp_dist.tracking import log_to_training_run
+
+    got = log_to_training_run(
+        ckpt.latest_checkpoint(run), {"heldout/bits_per_byte": 2.5}, {"k": "v"}
+    )
+    assert got == mlrun.info.run_id and log_to_training_run(run, {"decode/speedup": 1.5}) == got
+    again = client.get_run(got)
+    assert again.data.metrics["heldout/bits_per_byte"] == 2.5 and again.data.tags["k"] == "v"
+    assert again.data.metrics["decode/speedup"] == 1.5 and again.info.status == "FINISHED"
+    assert log_to_training_run(tmp_path, {"x": 1.0}) is None
+
 
 def test_trainer_leaves_the_callers_config_and_signal_handlers_alone(tmp_path, corpus):
     """The vocabulary and pad id come from the tokenizer into the trainer's own copy of the
