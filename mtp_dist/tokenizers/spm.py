@@ -16,6 +16,7 @@ newline is always exactly one token and decodes back to "\n". Encoding splits th
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -118,13 +119,38 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer(vocab_size={self.vocab_size})"
 
 
+MAX_LINE_BYTES = 1 << 20
+"""The line that crosses a max_bytes budget is read to its end, but no further than this."""
+
+
+def _read_bounded(path: Path, limit: int | None) -> str:
+    """A file's text; with a limit, only up to the line in which its `limit`-th character falls
+    (what `_iter_lines` uses of it), so a budget never makes a large file be read whole."""
+    with open(path, "rb") as f:
+        if limit is None:
+            return f.read().decode("utf-8")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        parts, chars = [""], 0
+        while chars < limit:
+            data = f.read(limit - chars)  # a character is at least one byte: never too much
+            if not data:
+                break
+            parts.append(decoder.decode(data))
+            chars += len(parts[-1])
+        else:
+            if not parts[-1].endswith(NEWLINE):
+                parts.append(decoder.decode(f.readline(MAX_LINE_BYTES)))
+        parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
+
+
 def _iter_lines(inputs: Iterable[str | os.PathLike], max_bytes: int | None) -> Iterator[str]:
     """Lines of the training text, stopping after max_bytes of UTF-8 text."""
     seen = 0
     for item in inputs:
         if isinstance(item, os.PathLike):
             try:
-                text = Path(item).read_text(encoding="utf-8")
+                text = _read_bounded(Path(item), None if max_bytes is None else max_bytes - seen)
             except (OSError, UnicodeDecodeError):
                 continue  # training material only: an unreadable file is simply not used
         else:
