@@ -73,11 +73,20 @@ def _check_speculative(args: argparse.Namespace, generator) -> None:
     heads = generator.model.cfg.n_future
     if args.speculative and args.temperature > 0:
         raise ConfigError("--speculative decodes greedily: it needs --temperature 0")
-    if args.n_draft is not None and not 0 <= args.n_draft < heads:
+    if args.n_draft != "auto" and not 0 <= args.n_draft < heads:
         raise ConfigError(
             f"--n-draft {args.n_draft}: must be in 0..{heads - 1} (this model has {heads} heads: "
             f"the next-token one and {heads - 1} to draft with)"
         )
+
+
+def _draft_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +106,8 @@ def mode_line(name: str, stats, plain_seconds: float | None = None, same=None) -
         f"{stats.tokens / max(stats.seconds, 1e-9):.1f} tokens/s, "
         f"{stats.tokens_per_forward:.2f} tokens per forward"
     )
+    if stats.drafts_at_end is not None:
+        line += f" ({stats.drafts_at_end} draft heads)"
     if plain_seconds is not None:
         line += f", {plain_seconds / max(stats.seconds, 1e-9):.2f}x plain greedy"
     if same is not None:
@@ -185,7 +196,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="greedy self-speculative decoding with the extra heads (same output, fewer forwards)",
     )
-    p.add_argument("--n-draft", type=int, default=None, help="draft heads to use (default all)")
+    p.add_argument(
+        "--n-draft",
+        type=_draft_count,
+        default="auto",
+        help="draft heads to use: a number, or auto (default: start with all and drop the last "
+        "while fewer than a quarter of its drafts are accepted)",
+    )
     p.add_argument(
         "--compare",
         action="store_true",

@@ -55,6 +55,8 @@ class DecodeStats:
     accepted: list[int] = field(default_factory=list)
     """Per block position j: how often it was (position 0, head 1's token, always is)."""
     seconds: float = 0.0
+    drafts_at_end: int | None = None
+    """Draft heads in use when the run ended (n_draft="auto" may drop some); None if plain."""
 
     def __post_init__(self) -> None:
         self.proposed = self.proposed or [0] * self.width
@@ -82,6 +84,7 @@ class DecodeStats:
             proposed=[a + b for a, b in zip(pad(self.proposed), pad(other.proposed))],
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
             seconds=self.seconds + other.seconds,
+            drafts_at_end=_smallest(self.drafts_at_end, other.drafts_at_end),
         )
 
     def as_dict(self) -> dict:
@@ -93,9 +96,14 @@ class DecodeStats:
             "mixed_steps": self.mixed_steps,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "acceptance_rate": [round(r, 4) for r in self.acceptance_rate],
+            "drafts_at_end": self.drafts_at_end,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None,
         }
+
+
+def _smallest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass
@@ -172,14 +180,19 @@ class Decoder:
         *,
         max_new_tokens: int,
         speculative: bool = False,
-        n_draft: int | None = None,
+        n_draft: int | str | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         stoppers: Sequence[Stopper | None] | None = None,
     ) -> DecodeResult:
         """Generate up to max_new_tokens per prompt (fewer where the context is full or a
-        stopper fires). speculative=True is greedy with `n_draft` draft heads (default: all)."""
+        stopper fires). speculative=True is greedy with `n_draft` draft heads (default: all);
+        n_draft="auto" starts with all and drops the last while it is rarely accepted
+        (`AutoDrafts`)."""
+        auto = n_draft == "auto"
+        if auto:
+            n_draft = None
         drafts = (self.n_future - 1 if n_draft is None else n_draft) if speculative else 0
         if speculative and temperature > 0:
             raise ValueError("self-speculative decoding is greedy: use temperature 0")
@@ -193,6 +206,7 @@ class Decoder:
         if max(len(p) for p in prompts) > max_len:
             raise ValueError(f"a prompt is longer than model.max_seq_len={max_len}")
         run = _Run(self, prompts, max_new_tokens, drafts, stoppers)
+        run.auto = AutoDrafts() if auto and drafts > 1 else None
         choose = lambda logits: sample(logits, temperature, top_p, generator)
         start = time.perf_counter()
         run.prefill(choose)
@@ -203,7 +217,35 @@ class Decoder:
                 run.plain_step(choose)
         run.stats.seconds = time.perf_counter() - start
         run.stats.tokens = sum(len(o) for o in run.out)
+        run.stats.drafts_at_end = run.width - 1 if drafts else None
         return DecodeResult(run.out, run.reasons, run.stats)
+
+
+@dataclass
+class AutoDrafts:
+    """Which draft heads pay for themselves, decided while decoding (n_draft="auto").
+
+    Every draft costs a head layer and an unembedding row each step, and makes the verify
+    forward one token wider; it pays only where it is accepted often enough. After `warmup`
+    speculative steps, the last draft is dropped while the fraction of its proposals that were
+    emitted is below `min_acceptance` (a far draft is only emitted when all before it were, so
+    its rate is the lowest). 0.25 came from this CPU (docs/benchmarks.md): drafts accepted less
+    than that made decoding slower here; a GPU, where a wider block is nearly free, can keep
+    drafts down to a lower rate. Dropping only shortens the block: the output stays greedy."""
+
+    warmup: int = 8
+    min_acceptance: float = 0.25
+
+    def keep(self, stats: DecodeStats, width: int) -> int:
+        """Block width to use from now on (>= 2)."""
+        if stats.steps <= self.warmup:
+            return width
+        while width > 2:
+            j = width - 1
+            if stats.proposed[j] and stats.accepted[j] / stats.proposed[j] >= self.min_acceptance:
+                break
+            width -= 1
+        return width
 
 
 class _Run:
@@ -230,6 +272,7 @@ class _Run:
         self.pending = zeros  # (B,) the emitted token each row feeds next
         self.drafts = zeros[:, None][:, :0]  # (B, width-1)
         self.steps = torch.arange(self.width, device=self.device)
+        self.auto: AutoDrafts | None = None
 
     # -- forwards ---------------------------------------------------------------------------
     def _draft(self, h, rot, last: torch.Tensor) -> torch.Tensor:
@@ -317,6 +360,18 @@ class _Run:
         self._count_forward()
         blocks, pend = block.tolist(), self.pending.tolist()
         self._emit([blocks[b][1 : acc[b] + 1] + [pend[b]] for b in range(B)])
+        if self.auto is not None:
+            self._narrow(self.auto.keep(self.stats, self.width))
+
+    def _narrow(self, width: int) -> None:
+        """Use only the first width-1 draft heads from now on (their caches stay valid)."""
+        if width == self.width:
+            return
+        k = width - 1
+        self.drafter = self.drafter.leading(k)
+        self.cache.heads[1].keep_heads(k * self.drafter.n_heads)
+        self.drafts = self.drafts[:, :k]
+        self.width, self.steps = width, self.steps[:width]
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _count_forward(self) -> None:

@@ -36,8 +36,9 @@ class GenerationConfig:
     """End at the EOS token."""
     speculative: bool = False
     """Greedy self-speculative decoding with the model's extra heads (same output as greedy)."""
-    n_draft: int | None = None
-    """Draft heads used by speculative decoding; default all (n_future - 1)."""
+    n_draft: int | str | None = "auto"
+    """Draft heads used by speculative decoding: a number, None for all (n_future - 1), or
+    "auto": all at first, dropping the last while it is rarely accepted (decode.AutoDrafts)."""
     batch_size: int = 8
     """Prompts decoded together."""
     seed: int = 0

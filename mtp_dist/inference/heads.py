@@ -74,6 +74,14 @@ class DraftHeads:
         self.wo = t("attn.wo.weight").contiguous()  # (K, d, d)
         self.w_down = t("mlp.w_down.weight").contiguous()  # (K, ffn, d)
 
+    def leading(self, k: int) -> DraftHeads:
+        """The same drafter restricted to its first k heads (views of the stacked weights)."""
+        sub = object.__new__(DraftHeads)
+        sub.__dict__.update(self.__dict__, count=k)
+        for name in ("wqkv", "w_gate_up", "wo", "w_down"):
+            setattr(sub, name, getattr(self, name)[:k])
+        return sub
+
     def __call__(
         self,
         h: torch.Tensor,

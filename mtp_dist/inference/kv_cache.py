@@ -89,6 +89,11 @@ class LayerCache:
             self.k = self.k[keep]
             self.v = self.v[keep]
 
+    def keep_heads(self, n: int) -> None:
+        """Keep the first n attention heads (a drafter that dropped its last heads)."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, :n], self.v[:, :n]
+
 
 class ModelCache:
     """The caches of a whole MTP model: one per trunk layer and `n_heads` for the head side
