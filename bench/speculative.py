@@ -110,6 +110,7 @@ def compare(dec: Decoder, groups: list[list[list[int]]], args, eos: int) -> dict
         "acceptance_rate": [round(r, 3) for r in stats.acceptance_rate],
         "mixed_steps": stats.mixed_steps,
         "tokens": tokens,
+        "drafts_at_end": stats.drafts_at_end,
         "plain_tokens_per_s": round(tokens / plain_s, 1),
         "speculative_tokens_per_s": round(tokens / spec_s, 1),
         "outputs": plain_out,
@@ -154,7 +155,13 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (tokens)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
-    p.add_argument("--n-draft", type=int, default=None, help="draft heads (default all)")
+    p.add_argument(
+        "--n-draft",
+        type=lambda t: t if t == "auto" else int(t),
+        default="auto",
+        help="draft heads: a number or auto (default, as mtp generate: all, dropping the last "
+        "while rarely accepted)",
+    )
     p.add_argument(
         "--sweep",
         action="store_true",
@@ -245,7 +252,8 @@ def main() -> None:
         },
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
-        "n_draft": cfg.n_future - 1 if args.n_draft is None else args.n_draft,
+        "n_draft": args.n_draft,
+        "drafts_at_end": single["drafts_at_end"],
         "threads": args.threads,
         "device": args.device,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
