@@ -279,3 +279,141 @@ def test_two_nodes_on_one_machine_c10d_started_together(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     check_finished(run_dir)
+
+
+# -- launchers/data_build_array.sbatch: a shard build as a job array + a dependent merge ---------
+
+DATA_ARRAY = REPO / "launchers/data_build_array.sbatch"
+
+# Stand-in for sbatch: records the call and prints a job id (1001, 1002, ...). With
+# FAKE_SBATCH_RUN set it also runs the job at once, an array's tasks one after another with the
+# SLURM_ARRAY_* variables Slurm sets, so the dependent job submitted next finds its parts done.
+FAKE_SBATCH = """#!/usr/bin/env bash
+echo "sbatch $*" >> "$FAKE_OUT/calls"
+id=$((1000 + $(wc -l < "$FAKE_OUT/calls")))
+array=
+while [[ $1 == --* ]]; do
+    case $1 in --array=*) array=${1#--array=} ;; esac
+    shift
+done
+echo "$id"
+[[ -n ${FAKE_SBATCH_RUN:-} ]] || exit 0
+script=$1
+shift
+if [[ -z $array ]]; then
+    SLURM_JOB_ID=$id bash "$script" "$@" >> "$FAKE_OUT/job-$id.log" 2>&1
+    exit
+fi
+lo=${array%-*}
+hi=${array#*-}
+for ((i = lo; i <= hi; i++)); do
+    SLURM_ARRAY_JOB_ID=$id SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_COUNT=$((hi - lo + 1)) \\
+        SLURM_ARRAY_TASK_MIN=$lo SLURM_ARRAY_TASK_MAX=$hi SLURM_CPUS_PER_TASK=1 \\
+        bash "$script" "$@" >> "$FAKE_OUT/job-$id.log" 2>&1 || exit 1
+done
+"""
+
+# Stand-in for python: records the arguments of each call (python-0.json, python-1.json, ...).
+FAKE_DATA_PYTHON = """#!/usr/bin/env bash
+python3 - "$@" <<'EOF'
+import json, os, sys
+out = os.environ["FAKE_OUT"]
+n = sum(name.startswith("python-") for name in os.listdir(out))
+with open(os.path.join(out, f"python-{n}.json"), "w") as f:
+    json.dump({"argv": sys.argv[1:], "pythonpath": os.environ.get("PYTHONPATH")}, f)
+EOF
+"""
+
+
+def data_array(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_exe(bin_dir / "sbatch", FAKE_SBATCH)
+    env.setdefault("PYTHON", str(write_exe(tmp_path / "fakepython", FAKE_DATA_PYTHON)))
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", str(DATA_ARRAY), *args],
+        env=clean_env(PATH=path, FAKE_OUT=str(tmp_path), MTP_REPO_DIR=str(REPO), **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+ARRAY_TASK = dict(SLURM_ARRAY_TASK_COUNT="4", SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="3")
+
+
+def test_data_array_submit_chains_the_merge_after_the_parts(tmp_path):
+    build = ["/corpus", "--bytes", "--seq-len", "64", "--n-future", "2", "--include", "**/*.py"]
+    env = dict(PARTS="4", OUT="/scratch/data", SBATCH_ARGS="--partition=cpu")
+    run = data_array(tmp_path, "submit", *build, **env)
+    assert run.returncode == 0, run.stderr
+    script = str(DATA_ARRAY)
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"sbatch --parsable --partition=cpu --array=0-3 {script} part {' '.join(build)}",
+        "sbatch --parsable --partition=cpu --dependency=afterok:1001 --job-name=mtp-data-merge"
+        f" --output=%x-%j.out --error=%x-%j.err {script} merge",
+    ]
+    assert "job array 1001" in run.stdout and "merge: job 1002" in run.stdout
+
+
+def test_data_array_task_builds_its_part_and_the_merge_takes_all(tmp_path):
+    out = tmp_path / "data"
+    env = dict(OUT=str(out), SLURM_CPUS_PER_TASK="8", **ARRAY_TASK)
+    run = data_array(tmp_path, "part", "/corpus", "--bytes", SLURM_ARRAY_TASK_ID="2", **env)
+    assert run.returncode == 0, run.stderr
+    got = json.loads((tmp_path / "python-0.json").read_text())
+    parts = [f"{out}.parts/part-{i:05d}" for i in range(4)]
+    build = ["data", "build", "--workers", "8", "/corpus", "--bytes"]
+    assert got["argv"] == ["-m", "mtp_dist.cli", *build, "--out", parts[2], "--part", "2/4"]
+    assert got["pythonpath"].split(":")[0] == str(REPO)
+    run = data_array(tmp_path, "merge", OUT=str(out), PARTS="4")
+    assert run.returncode == 0, run.stderr
+    got = json.loads((tmp_path / "python-1.json").read_text())
+    assert got["argv"] == ["-m", "mtp_dist.cli", "data", "merge", *parts, "--out", str(out)]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["submit", "/corpus"], {"OUT": "/o"}, "set PARTS"),
+        (["submit"], {"OUT": "/o", "PARTS": "2"}, "needs mtp data build's arguments"),
+        (["merge"], {"PARTS": "2"}, "set OUT"),
+        (["part", "/corpus"], {"OUT": "/o"}, "as a task of a job array"),
+        (
+            ["part", "/corpus"],
+            {"OUT": "/o", "SLURM_ARRAY_TASK_ID": "1", **ARRAY_TASK, "SLURM_ARRAY_TASK_MIN": "1"},
+            "the array must be 0-3",
+        ),
+        (["build"], {"OUT": "/o"}, "usage: data_build_array.sbatch submit|part|merge"),
+    ],
+)
+def test_data_array_refuses_bad_settings_in_one_line(tmp_path, args, env, message):
+    run = data_array(tmp_path, *args, **env)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+    assert not (tmp_path / "calls").exists() and not list(tmp_path.glob("python-*.json"))
+
+
+def test_data_array_end_to_end_equals_a_one_machine_build(tmp_path):
+    """The real `mtp data` under the stand-in sbatch: 3 array tasks, then the merge; the result is
+    the one-machine build, file for file."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted(p for p in CORPUS.glob("*.py") if p.stat().st_size < 12_000)[:8]:
+        (corpus / path.name).write_bytes(path.read_bytes())
+    build = [str(corpus), "--bytes", "--seq-len", "32", "--n-future", "2", "--shard-mb", "0.02"]
+    build += ["--val-fraction", "0.2", "--workers", "1", "--quiet"]
+    out = tmp_path / "data"
+    env = dict(PARTS="3", OUT=str(out), PYTHON=sys.executable, FAKE_SBATCH_RUN="1")
+    run = data_array(tmp_path, "submit", *build, **env)
+    logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("job-*.log")))
+    assert run.returncode == 0, run.stderr + logs
+    parts = sorted(p.name for p in (tmp_path / "data.parts").iterdir())
+    assert parts == [f"part-{i:05d}" for i in range(3)]
+    one = tmp_path / "one"
+    cmd = [sys.executable, "-m", "mtp_dist.cli", "data", "build", *build, "--out", str(one)]
+    subprocess.run(cmd, env=clean_env(PYTHONPATH=str(REPO)), check=True, timeout=300)
+    files = sorted(p.name for p in one.iterdir())
+    assert len(files) > 3 and files == sorted(p.name for p in out.iterdir())
+    assert all((one / f).read_bytes() == (out / f).read_bytes() for f in files)
