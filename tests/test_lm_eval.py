@@ -71,7 +71,7 @@ def lm_eval(hf_dir: Path, task_dir: Path, eos_id: int, home: Path) -> dict:
     cmd = [
         sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
         "--device", "cpu", "--tasks", "mtp_heldout", "--include_path", str(task_dir),
-        "--batch_size", "8", "--output_path", str(out), "--log_samples",
+        "--batch_size", "32", "--output_path", str(out), "--log_samples",
     ]  # fmt: skip
     env = {
         **os.environ,
