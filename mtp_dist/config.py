@@ -52,6 +52,11 @@ class ModelConfig:
     """Token whose labels are ignored (the tokenizer's PAD; -1 = take it from the tokenizer)."""
     loss_impl: str = "sequential"
     """'sequential' (one head's logits alive at a time) or 'naive' (all heads in one graph)."""
+    loss_chunk: int = 0
+    """Tokens per cross-entropy chunk inside each head (0 = off): the final norm, unembedding
+    and cross-entropy run on about this many tokens at a time (whole sequence positions of
+    the micro-batch, at least one), forward and backward, so a head's logits never exist
+    whole. Same loss and gradients; docs/sequential_heads.md."""
 
     @property
     def trunk_layers(self) -> int:
@@ -202,6 +207,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need((m.d_model // m.n_attn_heads) % 2 == 0, "model.n_attn_heads", "head dim must be even")
     need(m.trunk_layers >= 0, "model.n_layers", f"too few layers for {m.n_future} heads")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0")
+    need(m.loss_chunk >= 0, "model.loss_chunk", "must be >= 0 (0 = no chunking)")
     need(d.seq_len >= 1, "data.seq_len", "must be >= 1")
     need(d.seq_len <= m.max_seq_len, "data.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")

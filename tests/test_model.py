@@ -66,6 +66,66 @@ def test_sequential_gradients_equal_naive(n_future, masked):
         assert g.abs().max() > 0, f"{name} got no gradient"
 
 
+@pytest.mark.parametrize("loss_impl", ["naive", "sequential"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])  # one position, 2 positions + a short tail, all
+def test_chunked_cross_entropy_equals_naive(loss_impl, chunk):
+    """model.loss_chunk: the same losses, metrics and float64 gradients as the unchunked naive
+    loss, with masking (short labels, -100 holes), backward of a scaled loss."""
+    naive = tiny(4, "naive")
+    chunked = copy.deepcopy(naive)
+    chunked.heads.loss_impl, chunked.heads.loss_chunk = loss_impl, chunk
+    inputs, labels = batch(T=12, extra=1)
+    labels = labels.clone()
+    labels[0, 3:6] = IGNORE_INDEX
+    out_a, grads_a = grads_of(naive, inputs, labels, scale=0.37)
+    out_b, grads_b = grads_of(chunked, inputs, labels, scale=0.37)
+    torch.testing.assert_close(out_b.loss, out_a.loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(out_b.head_losses, out_a.head_losses, rtol=1e-13, atol=0)
+    assert torch.equal(out_a.head_counts, out_b.head_counts)
+    assert torch.equal(out_a.head_correct, out_b.head_correct)
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        rel = (g - grads_b[name]).abs().max() / g.abs().max().clamp(min=1e-300)
+        assert rel < 1e-10, f"{name}: relative error {rel:.3e}"
+        assert g.abs().max() > 0, f"{name} got no gradient"
+    with torch.no_grad():  # evaluation: chunked too, no gradients computed
+        evaluated = chunked(inputs, labels)
+    torch.testing.assert_close(evaluated.head_losses, out_a.head_losses, rtol=1e-13, atol=0)
+
+
+class _LargestLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor with a vocabulary-sized last dimension that an
+    op makes (logits, log-probabilities and their gradients), forward and backward; the
+    unembedding weight's transpose (d, V) is a parameter, not logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.shape[-1:] == (V,) and t.shape != (32, V):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("loss_impl", ["naive", "sequential"])
+def test_chunked_cross_entropy_never_makes_whole_logits(loss_impl):
+    """With loss_chunk = 6 tokens (2 positions of a 3-row batch) no op makes a tensor of more than
+    one chunk's logits, training or evaluating; without it, whole (B, T, V) logits appear."""
+    B, T = 3, 12
+    inputs, labels = batch(T=T, extra=4, B=B)
+    for chunk, most in ((0, B * T * V), (6, B * 2 * V)):
+        model = tiny(4, loss_impl, loss_chunk=chunk)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), _LargestLogits() as probe:
+                out = model(inputs, labels)
+                if grad:
+                    out.loss.backward()
+            assert probe.largest == most, (chunk, grad, probe.largest)
+
+
 def test_loss_is_plain_sum_of_head_means():
     model = tiny(4)
     inputs, labels = batch()

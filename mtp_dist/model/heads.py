@@ -14,6 +14,10 @@ Loss implementations (`loss_impl`):
   head's logits and logit-gradients exist at a time) and sums the gradients; its backward hands
   them out once. To the caller it is one loss and one backward call, and the trunk is
   backpropagated once, with no recomputation.
+
+`loss_chunk` > 0 (either implementation): each head's final norm + unembedding + cross-entropy
+runs in pieces of the sequence, forward and backward, through `_ChunkedProjectionLoss`, so no
+head's (B, T, V) logits exist whole: at most one chunk's (about `loss_chunk` tokens).
 """
 
 from __future__ import annotations
@@ -87,18 +91,21 @@ class MultiTokenHeads(nn.Module):
         n_future: int,
         token_loss,
         loss_impl: str = "sequential",
+        loss_chunk: int = 0,
         pad_id: int = -1,
         reduction: HeadReduction | None = None,
     ) -> None:
         """`blocks`: head index -> that head's layer, for the heads this module holds (all n,
         except under head parallelism); `unembed`: the shared final norm + unembedding. Their
-        parameters are adopted under flat names; the modules become parameter-free templates."""
+        parameters are adopted under flat names; the modules become parameter-free templates.
+        `loss_chunk`: tokens per cross-entropy chunk (0: each head's logits in one piece)."""
         super().__init__()
         if not blocks:
             raise ValueError("MultiTokenHeads needs at least one head")
         self.n_future = n_future
         self.pad_id = pad_id
         self.loss_impl = loss_impl
+        self.loss_chunk = loss_chunk
         self._token_loss = token_loss
         self.reduction: HeadReduction = reduction or LocalHeads()
         # Which heads this module runs (all n in one process, a subset per head-parallel rank).
@@ -152,8 +159,15 @@ class MultiTokenHeads(nn.Module):
         return self.project(self.head_hidden(i, h, cos, sin))
 
     def head_loss(self, i, h, labels, cos, sin, params=None):
-        """(mean CE, #correct, #valid) of head i (0-based; predicts t + i + 1)."""
-        logits = self.project(self.head_hidden(i, h, cos, sin, params=params), params)
+        """(mean CE, #correct, #valid) of head i (0-based; predicts t + i + 1), in the caller's
+        autograd graph (the naive loss, evaluation)."""
+        z = self.head_hidden(i, h, cos, sin, params=params)  # (B, T, d)
+        if self.loss_chunk > 0:
+            return self._chunked_loss(i, z, labels, params)
+        return self._whole_loss(i, z, labels, params)
+
+    def _whole_loss(self, i, z, labels, params=None):
+        logits = self.project(z, params)
         # (B, T) from the logits: under sequence parallelism h holds a slice of the sequence.
         B, T = logits.shape[:2]
         target = shift_labels(labels, i, T).reshape(-1)
@@ -161,6 +175,34 @@ class MultiTokenHeads(nn.Module):
         count = (target != IGNORE_INDEX).sum()
         loss = token_loss.sum() / count.clamp(min=1)
         return loss, correct.sum(), count
+
+    def _chunked_loss(self, i, z, labels, params=None):
+        source = params if params is not None else dict(self.named_parameters())
+        names = [flat for _, flat in self.shared_param_names]
+        shared = [source[n] for n in names]
+        if torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in shared)):
+            return _ChunkedProjectionLoss.apply(self, i, z, labels, names, *shared)
+        with torch.no_grad():
+            loss, correct, count, _ = chunked_cross_entropy(self, i, z, labels, source)
+        return loss, correct, count
+
+    def head_backward(self, i, h_leaf, labels, cos, sin, leaves: dict[str, torch.Tensor]):
+        """Head i's (loss, #correct, #valid), its forward and backward at once: the gradient is
+        accumulated into the `.grad` of `h_leaf` and of the `leaves` (detached parameters) it
+        reaches, and head i's graph (logits included) is freed on return."""
+        z = self.head_hidden(i, h_leaf, cos, sin, params=leaves)  # (B, T, d)
+        wanted = [leaves[flat] for _, flat in self.head_param_names[i]]
+        inputs = [h_leaf] + [p for p in wanted if p.requires_grad]
+        if self.loss_chunk > 0:  # the chunks accumulate the shared gradients themselves
+            loss, correct, count, grad_z = chunked_cross_entropy(
+                self, i, z, labels, leaves, backward=True
+            )
+            torch.autograd.backward(z, grad_z, inputs=inputs)
+        else:
+            loss, correct, count = self._whole_loss(i, z, labels, leaves)
+            shared = [leaves[flat] for _, flat in self.shared_param_names]
+            torch.autograd.backward(loss, inputs=inputs + [p for p in shared if p.requires_grad])
+        return loss.detach(), correct, count
 
     # -- the loss ---------------------------------------------------------------------------
     def forward(
@@ -186,7 +228,8 @@ class MultiTokenHeads(nn.Module):
 
 
 class _SequentialHeadLoss(torch.autograd.Function):
-    """forward: per-head forward + autograd.grad, accumulating gradients; backward: hand them out.
+    """forward: each head's forward + backward in turn (`head_backward`), accumulating the
+    gradients; backward: hand them out.
 
     Each parameter receives its gradient exactly once per backward: ZeRO-2 refuses a gradient
     reduced twice for one partition, and ZeRO-3 holds the full weights only during this module's
@@ -199,28 +242,21 @@ class _SequentialHeadLoss(torch.autograd.Function):
         with torch.enable_grad():
             h_leaf = h.detach().requires_grad_(True)
             leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, params)}
-            grad_h = torch.zeros_like(h)
-            grads: dict[str, torch.Tensor] = {}
             losses, corrects, counts = [], [], []
-            shared = [flat for _, flat in heads.shared_param_names]
             for i in heads.head_ids:
-                wanted = [flat for _, flat in heads.head_param_names[i]] + shared
-                wanted = [n for n in wanted if leaves[n].requires_grad]
-                loss, correct, count = heads.head_loss(i, h_leaf, labels, cos, sin, leaves)
                 # Frees head i's graph (its logits and their gradient) before head i+1 runs.
-                got = torch.autograd.grad(loss, [h_leaf] + [leaves[n] for n in wanted])
-                grad_h += got[0]
-                for n, g in zip(wanted, got[1:]):
-                    grads[n] = g if n not in grads else grads[n] + g
-                losses.append(loss.detach())
+                loss, correct, count = heads.head_backward(i, h_leaf, labels, cos, sin, leaves)
+                losses.append(loss)
                 corrects.append(correct)
                 counts.append(count)
+        grad_h = h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h)
         grad_h = heads.reduction.reduce_hidden_grad(grad_h)
-        heads.reduction.reduce_shared_grads([grads[n] for n in shared if n in grads])
-        ctx.grad_names = [n for n in names if n in grads]
+        shared = [leaves[flat].grad for _, flat in heads.shared_param_names]
+        heads.reduction.reduce_shared_grads([g for g in shared if g is not None])
+        ctx.grad_names = [n for n in names if leaves[n].grad is not None]
         ctx.param_slots = [names.index(n) for n in ctx.grad_names]
         ctx.n_params = len(names)
-        ctx.save_for_backward(grad_h, *[grads[n] for n in ctx.grad_names])
+        ctx.save_for_backward(grad_h, *[leaves[n].grad for n in ctx.grad_names])
         losses, corrects, counts = torch.stack(losses), torch.stack(corrects), torch.stack(counts)
         ctx.mark_non_differentiable(losses, corrects, counts)
         return losses.sum(), losses, corrects, counts
@@ -228,7 +264,90 @@ class _SequentialHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *_unused):
         grad_h, *saved = ctx.saved_tensors
+        # Scaled in place: the buffers are this node's own, so the parameters receive them
+        # without a second copy of every head and unembedding gradient (a second backward
+        # through the graph fails on their version counter instead of reusing them).
         param_grads = [None] * ctx.n_params
         for slot, g in zip(ctx.param_slots, saved):
-            param_grads[slot] = g * grad_total
-        return (None, None, grad_h * grad_total, None, None, None, *param_grads)
+            param_grads[slot] = g.mul_(grad_total)
+        return (None, None, grad_h.mul_(grad_total), None, None, None, *param_grads)
+
+
+def chunk_positions(chunk: int, batch: int, length: int) -> list[tuple[int, int]]:
+    """[start, end) pieces of `length` positions holding about `chunk` tokens of a `batch`-row
+    batch each (at least one position per piece)."""
+    step = max(1, chunk // batch)
+    return [(s, min(length, s + step)) for s in range(0, length, step)]
+
+
+def chunked_cross_entropy(
+    heads: MultiTokenHeads, i: int, z: torch.Tensor, labels, params, backward: bool = False
+):
+    """Final norm + unembedding + CE of head i over z (B, t, d), in chunks of positions.
+
+    Returns (mean loss, #correct, #valid, d mean / dz or None). With `backward`, each chunk's
+    loss is backpropagated at once (scaled by 1 / #valid) into a (B, t, d) buffer and into the
+    `.grad` of the shared parameters in `params` that require it, and the chunk's logits are
+    freed before the next chunk is projected.
+
+    A projection may return more positions than it is given: under sequence parallelism z is
+    this rank's 1/k of the sequence and the final norm all-gathers the chunk from every rank in
+    rank order, so its k * (e - s) rows are positions r * t + [s, e) for r = 0..k-1. That rule
+    is rank-independent, and with k = 1 it is the plain chunk.
+    """
+    B, t = z.shape[:2]
+    shared = [params[flat] for _, flat in heads.shared_param_names]
+    wanted = [p for p in shared if p.requires_grad] if backward else []
+    grad_z = torch.empty_like(z) if backward else None
+    loss_sum, correct, target, count, divisor = None, None, None, None, None
+    for s, e in chunk_positions(heads.loss_chunk, B, t):
+        piece = z.detach()[:, s:e].contiguous().requires_grad_(backward)  # (B, e - s, d)
+        with torch.set_grad_enabled(backward):
+            logits = heads.project(piece, params)  # (B, k * (e - s), V[shard])
+            k = logits.shape[1] // (e - s)
+            if target is None:  # every rank's positions: the chunks' targets come from here
+                target = shift_labels(labels, i, k * t)  # (B, k * t)
+                count = (target != IGNORE_INDEX).sum()
+                divisor = count.clamp(min=1)  # an integer: dividing keeps each dtype's precision
+            rows = (torch.arange(k)[:, None] * t + torch.arange(s, e)[None]).reshape(-1)
+            token_loss, hit = heads._token_loss(
+                logits.reshape(-1, logits.shape[-1]), target[:, rows.to(target.device)].reshape(-1)
+            )
+            piece_loss = token_loss.sum()
+        if backward:
+            torch.autograd.backward(piece_loss / divisor, inputs=[piece] + wanted)
+            grad_z[:, s:e] = piece.grad
+        del logits, token_loss  # this chunk's logits go before the next chunk's are made
+        piece_loss = piece_loss.detach()
+        loss_sum = piece_loss if loss_sum is None else loss_sum + piece_loss
+        correct = hit.sum() if correct is None else correct + hit.sum()
+    return loss_sum / divisor, correct, count, grad_z
+
+
+class _ChunkedProjectionLoss(torch.autograd.Function):
+    """The chunked norm + unembedding + CE of one head inside a larger graph (the naive loss):
+    forward computes the loss and its gradients chunk by chunk (`chunked_cross_entropy`);
+    backward hands them out scaled by grad_output. Exact for the mean CE, which is the sum of
+    the chunks' token losses over one count."""
+
+    @staticmethod
+    def forward(ctx, heads: MultiTokenHeads, i, z, labels, names, *shared):
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, shared)}
+            loss, correct, count, grad_z = chunked_cross_entropy(
+                heads, i, z, labels, leaves, backward=True
+            )
+        grads = [leaves[n].grad for n in names]
+        ctx.slots = [k for k, g in enumerate(grads) if g is not None]
+        ctx.n_shared = len(shared)
+        ctx.save_for_backward(grad_z, *[g for g in grads if g is not None])
+        ctx.mark_non_differentiable(correct, count)
+        return loss, correct, count
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grad_z, *grads = ctx.saved_tensors
+        shared_grads = [None] * ctx.n_shared
+        for slot, g in zip(ctx.slots, grads):
+            shared_grads[slot] = g.mul_(grad_loss)  # in place, as in _SequentialHeadLoss
+        return (None, None, grad_z.mul_(grad_loss), None, None, *shared_grads)

@@ -80,6 +80,7 @@ class MTPModel(nn.Module):
             n_future=cfg.n_future,
             token_loss=(head_layers or layers).token_loss,
             loss_impl=cfg.loss_impl,
+            loss_chunk=cfg.loss_chunk,
             pad_id=cfg.pad_id,
             reduction=head_reduction,
         )

@@ -22,6 +22,7 @@ from layouts import (  # noqa: E402
     LAYOUTS,
     MAX_DP,
     NAN_CHECK,
+    OPTIONS,
     SAVE_AT,
     STEPS,
     dp_size,
@@ -72,6 +73,7 @@ def _layout_jobs(world: int, root: Path) -> list[dict]:
             "save_at": SAVE_AT,
             "run_dir": str(root / n),
             "nan_check": n in NAN_CHECK,
+            **OPTIONS.get(n, {}),
         }  # fmt: skip
         for n, (w, par) in LAYOUTS.items()
         if w == world

@@ -28,6 +28,16 @@ LAYOUTS = {
     "tp2_pp2_sp": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True, "zero_stage": 1}),
     "tp2_dp2_sp_zero2": (4, {"tensor": 2, "sequence_parallel": True, "zero_stage": 2}),
 }
+# Options some layouts train with (the same plain single-process reference still has to come
+# out): the chunked head cross-entropy under the vocab-parallel loss (tp2), with sequence
+# parallelism (tp2_sp: each rank's chunk is gathered over the sequence) and head parallelism.
+# Each feature's plain form stays covered by another layout (tp2_dp2, tp2_pp2_sp, head4).
+# loss_chunk 6 = 3 positions of a 2-row micro-batch: chunks of 3, 3 and 2 of the 8 positions.
+OPTIONS: dict[str, dict] = {
+    "tp2": {"model": {"loss_chunk": 6}},
+    "tp2_sp": {"model": {"loss_chunk": 6}},
+    "head2": {"model": {"loss_chunk": 6}},
+}
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
 DP_CHANGE = {
     "dp2_zero1_to_dp1": "dp2_zero1",
