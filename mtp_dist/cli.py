@@ -26,6 +26,7 @@ _SUBCOMMANDS = {
     "generate": ("mtp_dist.inference.cli", "complete a prompt with a checkpoint"),
     "eval": ("mtp_dist.eval.cli", "HumanEval / MBPP pass@k of a checkpoint"),
     "heldout": ("mtp_dist.eval.heldout_cli", "bits per byte on held-out code vs gzip / xz"),
+    "repro": ("mtp_dist.repro.cli", "reproduce one of the paper's small-scale findings"),
     "checkpoint": ("mtp_dist.checkpoint.cli", "checkpoint tools"),
     "export": ("mtp_dist.checkpoint.export_cli", "write a checkpoint in another format"),
     "import": ("mtp_dist.checkpoint.import_cli", "read a model from another format"),

@@ -1,0 +1,272 @@
+"""Running a reproduction study: variants x seeds trained alike, measured, summarised, judged.
+
+A `Study` names its variants (config overrides on a shipped recipe), a corpus builder, what to
+measure on each trained run, and the paper's claims as pairs (this variant should beat that
+one on this metric). `run_study` trains every (variant, seed) in turn — resumable: a run whose
+`result.json` exists is not trained again — then writes into the output directory
+`summary.json`, `report.md` (a table of mean ± spread per variant, the paper's finding beside
+ours, a verdict per claim) and `plot.png`, and logs one MLflow parent run with a child run per
+(variant, seed). A claim is *reproduced* when the mean difference is in the paper's direction
+and larger than the spread of both variants (the largest distance of a seed from its mean),
+*not reproduced* when it is that large the other way, and *inconclusive* otherwise: no claim
+of a difference smaller than the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The paper's finding as a comparison: `better` beats `worse` on `metric`."""
+
+    better: str
+    worse: str
+    metric: str
+    higher_is_better: bool = True
+
+
+@dataclass
+class Study:
+    name: str
+    title: str
+    paper: str
+    """The paper's finding, in a sentence or two, with its numbers."""
+    recipe: str
+    base: tuple[str, ...]
+    variants: list[Variant]
+    steps: int
+    corpus: Callable[[Path, float, bool], list[str]]
+    """(directory, scale, smoke) -> overrides naming the data to train on (data.source, ...),
+    built there once for every run of the study."""
+    measure: Callable[[Path, bool], dict[str, float]]
+    """(run directory, smoke) -> metrics of the trained run (its latest checkpoint)."""
+    claims: list[Claim]
+    metrics: list[str]
+    """Metrics shown in the table, in order."""
+    curve: str | None = None
+    """A metric also measured at every checkpoint (train.ckpt_every): a curve over steps."""
+    curve_points: int = 5
+    smoke_overrides: tuple[str, ...] = ()
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: list[str],
+              steps: int, smoke: bool) -> dict:  # fmt: skip
+    """Train one (variant, seed) and measure it; the result is kept in run_dir/result.json."""
+    from ..config import load_config
+    from ..training import Trainer
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    every = max(1, steps // study.curve_points) if study.curve else steps
+    overrides = [
+        *study.base,
+        *(study.smoke_overrides if smoke else ()),
+        *variant.overrides,
+        *corpus,
+        f"train.seed={seed}",
+        f"train.max_steps={steps}",
+        f"train.ckpt_every={every}",
+        f"train.eval_every={every}",
+        f"train.warmup_steps={max(2, steps // 15)}",
+        "train.keep_last=1000",
+        "tracking.enabled=false",
+        f"run_dir={run_dir}",
+    ]
+    # resume=True: an interrupted study continues each run from its last complete checkpoint
+    trainer = Trainer(load_config(study.recipe, overrides), resume=True)
+    trainer.fit()
+    metrics = study.measure(run_dir, smoke)
+    curve = []
+    if study.curve:
+        for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
+            step = int(ckpt.name.split("_")[1])
+            curve.append((step, study.measure(ckpt, smoke)[study.curve]))
+    val = trainer.val_history[-1]["head_losses"] if trainer.val_history else []
+    result = {
+        "variant": variant.label,
+        "seed": seed,
+        "overrides": list(variant.overrides),
+        "steps": steps,
+        "metrics": {**metrics, **{f"val_loss_head{i + 1}": x for i, x in enumerate(val)}},
+        "curve": curve,
+    }
+    _atomic_json(done, result)
+    return result
+
+
+def spread(values: list[float]) -> float:
+    """Largest distance of a value from the mean (0 for one value)."""
+    mean = statistics.fmean(values)
+    return max(abs(v - mean) for v in values)
+
+
+def summarise(study: Study, results: list[dict]) -> dict:
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for v in study.variants:
+        rows = [r for r in results if r["variant"] == v.label]
+        keys = sorted({k for r in rows for k in r["metrics"]})
+        table[v.label] = {}
+        for k in keys:
+            vals = [r["metrics"][k] for r in rows if r["metrics"].get(k) is not None]
+            if vals:
+                table[v.label][k] = {"mean": statistics.fmean(vals), "spread": spread(vals),
+                                     "n": len(vals)}  # fmt: skip
+    verdicts = []
+    for c in study.claims:
+        a, b = table.get(c.better, {}).get(c.metric), table.get(c.worse, {}).get(c.metric)
+        if a is None or b is None:
+            continue
+        diff = (a["mean"] - b["mean"]) * (1 if c.higher_is_better else -1)
+        margin = max(a["spread"], b["spread"])
+        if min(a["n"], b["n"]) < 2:
+            verdict = "inconclusive (fewer than 2 seeds)"
+        elif diff > margin:
+            verdict = "reproduced"
+        elif -diff > margin:
+            verdict = "not reproduced"
+        else:
+            verdict = "inconclusive"
+        verdicts.append({"claim": f"{c.better} beats {c.worse} on {c.metric}",
+                         "difference": diff, "spread": margin, "verdict": verdict})  # fmt: skip
+    return {"table": table, "verdicts": verdicts}
+
+
+def report_markdown(study: Study, summary: dict, seeds: int, scale: float, results) -> str:
+    fmt = lambda s: f"{s['mean']:.3f} ± {s['spread']:.3f}"  # noqa: E731
+    lines = [f"## {study.title} (`mtp repro {study.name}`)", "", f"**Paper.** {study.paper}", ""]
+    lines.append(f"Seeds per variant: {seeds}; scale {scale}; steps {results[0]['steps']}. "
+                 "Cells: mean ± spread (largest distance of a seed from the mean).")  # fmt: skip
+    lines += ["", "| variant | " + " | ".join(study.metrics) + " |",
+              "|---|" + "---:|" * len(study.metrics)]  # fmt: skip
+    for v in study.variants:
+        row = summary["table"].get(v.label, {})
+        cells = [fmt(row[m]) if m in row else "—" for m in study.metrics]
+        lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
+    lines += ["", "| claim | difference | spread | verdict |", "|---|---:|---:|---|"]
+    for vd in summary["verdicts"]:
+        lines.append(f"| {vd['claim']} | {vd['difference']:+.3f} | {vd['spread']:.3f} | "
+                     f"{vd['verdict']} |")  # fmt: skip
+    if study.notes:
+        lines += ["", study.notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, summary: dict, results: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = study.claims[0].metric if study.claims else study.metrics[0]
+    panels = 2 if study.curve else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    labels = [v.label for v in study.variants]
+    stats = [summary["table"].get(lab, {}).get(metric) for lab in labels]
+    ax = axes[0][0]
+    ax.bar(labels, [s["mean"] if s else 0 for s in stats],
+           yerr=[s["spread"] if s else 0 for s in stats], capsize=4)  # fmt: skip
+    for k, lab in enumerate(labels):  # every seed as a dot, so the spread is visible
+        ys = [r["metrics"].get(metric) for r in results if r["variant"] == lab]
+        ax.plot([k] * len(ys), ys, "k.", alpha=0.6)
+    ax.set_title(metric)
+    ax.tick_params(axis="x", rotation=30)
+    if study.curve:
+        ax = axes[0][1]
+        for lab in labels:
+            curves = [r["curve"] for r in results if r["variant"] == lab and r["curve"]]
+            if curves:
+                steps = [s for s, _ in curves[0]]
+                mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
+                ax.plot(steps, mean, marker="o", label=lab)
+        ax.set_xlabel("training step")
+        ax.set_title(f"{study.curve} (mean over seeds)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def update_docs(doc: Path, name: str, markdown: str, image: str) -> None:
+    """Replace (or append) the study's section of docs/reproductions.md, between markers."""
+    start, end = f"<!-- repro:{name} -->", f"<!-- /repro:{name} -->"
+    block = f"{start}\n{markdown}\n![{name}]({image})\n{end}"
+    text = doc.read_text() if doc.is_file() else "# Reproductions\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def log_mlflow(study: Study, out: Path, results: list[dict], summary: dict) -> str:
+    import mlflow
+
+    from ..tracking import use_mlflow
+
+    use_mlflow(f"sqlite:///{out.resolve() / 'mlflow.db'}", "mtp_dist-repro", out / "mlartifacts")
+    with mlflow.start_run(run_name=f"repro-{study.name}", tags={"kind": "repro"}) as parent:
+        for r in results:
+            with mlflow.start_run(run_name=f"{r['variant']}-seed{r['seed']}", nested=True):
+                mlflow.log_params({"variant": r["variant"], "seed": r["seed"],
+                                   "overrides": " ".join(r["overrides"])})  # fmt: skip
+                mlflow.log_metrics({k: v for k, v in r["metrics"].items() if v is not None})
+                for step, value in r["curve"]:
+                    mlflow.log_metric(f"curve/{study.curve}", value, step=step)
+        for label, row in summary["table"].items():
+            mlflow.log_metrics({f"{label}/{k}": s["mean"] for k, s in row.items()})
+        for name in ("report.md", "plot.png", "summary.json"):
+            mlflow.log_artifact(str(out / name))
+        return parent.info.run_id
+
+
+def run_study(study: Study, out: Path, *, seeds: int = 3, scale: float = 1.0,
+              smoke: bool = False, mlflow: bool = True, docs: Path | None = None,
+              say: Callable[[str], None] = print) -> dict:  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    steps = max(4, round(study.steps * scale)) if not smoke else 6
+    corpus = study.corpus(out / "corpus", scale, smoke)
+    results = []
+    total = len(study.variants) * seeds
+    for v in study.variants:
+        for seed in range(seeds):
+            say(f"[{len(results) + 1}/{total}] {study.name}: {v.label}, seed {seed}")
+            run_dir = out / "runs" / f"{v.label}-seed{seed}"
+            results.append(train_one(study, v, seed, run_dir, corpus, steps, smoke))
+    summary = summarise(study, results)
+    _atomic_json(out / "summary.json", {"study": study.name, "seeds": seeds, "scale": scale,
+                                        "smoke": smoke, **summary, "results": results})  # fmt: skip
+    markdown = report_markdown(study, summary, seeds, scale, results)
+    (out / "report.md").write_text(markdown)
+    plot(study, summary, results, out / "plot.png")
+    if docs is not None:
+        image = docs.parent / "img" / f"repro-{study.name}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes((out / "plot.png").read_bytes())
+        update_docs(docs, study.name, markdown, f"img/{image.name}")
+    if mlflow:
+        say(f"mlflow: parent run {log_mlflow(study, out, results, summary)} in {out}/mlflow.db")
+    return summary

@@ -1,0 +1,175 @@
+"""The reproduction studies' generators, evaluators and judgement (mtp_dist/repro/), and a smoke
+run of the study machinery. The studies themselves are benchmarks (docs/reproductions.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from mtp_dist.repro import polynomials as pl
+from mtp_dist.repro import stories
+from mtp_dist.repro.study import Claim, Study, Variant, summarise, update_docs
+from mtp_dist.tokenizers import ByteTokenizer
+
+X = pl.poly(0, 1)  # the polynomial x
+
+
+def test_ring_operations_on_hand_worked_cases():
+    one = pl.poly(1)
+    assert pl.mul(pl.add(X, one), pl.add(X, one)) == pl.poly(1, 2, 1)  # (x+1)^2 = x^2+2x+1
+    assert pl.mul(pl.poly(0, 0, 0, 0, 1), X) == pl.poly()  # x^4 * x = x^5 = 0
+    assert pl.mul(pl.poly(0, 3), pl.poly(0, 5)) == pl.poly(0, 0, 1)  # 15x^2 = x^2 (mod 7)
+    assert pl.neg(pl.poly(0, 3)) == pl.poly(0, 4)  # -3x = 4x
+    assert pl.add(pl.poly(6, 6), pl.poly(1, 1)) == pl.poly()  # (6x+6)+(x+1) = 0
+    x2 = pl.poly(0, 0, 1)
+    assert pl.compose(x2, pl.add(X, one)) == pl.poly(1, 2, 1)  # (x^2) o (x+1)
+    assert pl.compose(pl.add(X, one), x2) == pl.poly(1, 0, 1)  # (x+1) o (x^2) = x^2+1
+    # (x^3) o (x^2) = x^6 = 0 in the ring; (2x^2+3) o (3x) = 18x^2+3 = 4x^2+3
+    assert pl.compose(pl.poly(0, 0, 0, 1), x2) == pl.poly()
+    assert pl.compose(pl.poly(3, 0, 2), pl.poly(0, 3)) == pl.poly(3, 0, 4)
+
+
+def test_show_and_parse_round_trip_and_reject():
+    assert pl.show(pl.poly(1, 6, 0, 0, 3)) == "3x^4+6x+1"
+    assert pl.show(pl.poly()) == "0" and pl.show(pl.poly(0, 1)) == "x"
+    rng = random.Random(0)
+    for _ in range(200):
+        p = pl.poly(*(rng.randrange(7) for _ in range(5)))
+        assert pl.parse(pl.show(p)) == p
+    assert pl.parse("1+3x^4+6x") == pl.poly(1, 6, 0, 0, 3)  # any order
+    assert pl.parse("x+x") == pl.poly(0, 2)
+    for bad in ("", "x^5", "3y", "-x", "x++1", "+"):
+        assert pl.parse(bad) is None, bad
+
+
+def test_expressions_have_their_operation_count_and_text_evaluates():
+    rng = random.Random(1)
+    for ops in range(0, 11):
+        e = pl.random_expr(rng, ops)
+        assert e.operations == ops
+    e = pl.Expr("*", (pl.Expr("leaf", value=pl.add(X, pl.poly(1))),
+                      pl.Expr("neg", (pl.Expr("leaf", value=X),))))  # fmt: skip
+    assert e.text() == "((x+1)*-(x))" and pl.show(pl.evaluate(e)) == "6x^2+6x"
+    a = pl.problems(5, 30, range(1, 6))
+    assert a == pl.problems(5, 30, range(1, 6)) and a != pl.problems(6, 30, range(1, 6))
+    assert all(q.endswith("=") and pl.parse(ans) is not None for q, ans in a)
+
+
+def test_story_names_are_two_tokens_and_mentions_repeat():
+    tok = ByteTokenizer()
+    rng = random.Random(3)
+    repeats = 0
+    for _ in range(50):
+        text, names = stories.story(rng, 6)
+        assert len({n[0] for n in names}) == 3  # first letters differ: the first token says who
+        for name in names:
+            assert len(tok.encode(name)) == 2
+        found = stories.mentions(text, names)
+        firsts = [m for m in found if not m.repeat]
+        assert {text[m.start : m.start + 2] for m in firsts} <= set(names)
+        assert len(firsts) == len({text[m.start : m.start + 2] for m in found})
+        repeats += sum(m.repeat for m in found)
+        # no other word begins with a name's capital: its first letter only ever starts a name
+        capitals = {w[0] for w in text.replace('"', " ").split() if w[:1].isupper()}
+        assert capitals - {n[0] for n in names} <= set("AEIOT")
+        assert stories.story_names(text) == sorted({text[m.start : m.start + 2] for m in found})
+    assert repeats > 100  # induction has something to measure
+    assert stories.stories(1, 5) == stories.stories(1, 5) != stories.stories(2, 5)
+
+
+def _study(claims, variants=("a", "b")) -> Study:
+    return Study(
+        name="t", title="T", paper="p", recipe="tiny-cpu", base=(),
+        variants=[Variant(v, ()) for v in variants], steps=1, corpus=None, measure=None,
+        claims=claims, metrics=["m"],
+    )  # fmt: skip
+
+
+def _results(values: dict[str, list[float]]) -> list[dict]:
+    return [{"variant": v, "seed": k, "metrics": {"m": x}, "curve": []}
+            for v, xs in values.items() for k, x in enumerate(xs)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "a, b, verdict",
+    [
+        ([0.9, 0.8, 0.85], [0.5, 0.6, 0.55], "reproduced"),
+        ([0.5, 0.6, 0.55], [0.9, 0.8, 0.85], "not reproduced"),
+        ([0.7, 0.5, 0.6], [0.55, 0.65, 0.6], "inconclusive"),  # difference within the spread
+        ([0.9], [0.1], "inconclusive (fewer than 2 seeds)"),
+    ],
+)
+def test_verdict_needs_a_difference_larger_than_the_spread(a, b, verdict):
+    s = summarise(_study([Claim("a", "b", "m")]), _results({"a": a, "b": b}))
+    assert s["verdicts"][0]["verdict"] == verdict
+    assert s["table"]["a"]["m"]["n"] == len(a)
+    lower = summarise(_study([Claim("b", "a", "m", higher_is_better=False)]),
+                      _results({"a": a, "b": b}))  # fmt: skip
+    assert lower["verdicts"][0]["verdict"] == verdict
+
+
+def test_docs_section_is_replaced_not_duplicated(tmp_path):
+    doc = tmp_path / "reproductions.md"
+    doc.write_text("# Reproductions\n\nintro\n")
+    update_docs(doc, "x", "first\n", "img/x.png")
+    update_docs(doc, "y", "other\n", "img/y.png")
+    update_docs(doc, "x", "second\n", "img/x.png")
+    text = doc.read_text()
+    assert text.count("<!-- repro:x -->") == 1 and "second" in text and "first" not in text
+    assert text.index("repro:x") < text.index("repro:y") and text.startswith("# Reproductions")
+
+
+def test_polynomial_study_smoke_run(tmp_path):
+    """Every variant and seed trains, is measured and summarised; a second call trains nothing
+    (result.json kept); summary, report, plot and the MLflow parent + children are written."""
+    import mlflow
+
+    from mtp_dist.repro.studies import polynomial_arithmetic
+    from mtp_dist.repro.study import run_study
+
+    study = polynomial_arithmetic()
+    study.variants = study.variants[:2]  # n1-d64, n2-d64: the machinery, not the finding
+    summary = run_study(study, tmp_path, seeds=2, smoke=True, say=lambda _: None)
+    assert {v["claim"] for v in summary["verdicts"]} >= {"n2-d64 beats n1-d64 on acc_in_domain"}
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert len(saved["results"]) == 4 and saved["smoke"] is True
+    for r in saved["results"]:
+        assert 0 <= r["metrics"]["acc_in_domain"] <= 1 and r["metrics"]["val_loss_head1"] > 0
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert "| n2-d64 |" in (tmp_path / "report.md").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "mtp_dist-repro"]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + 4
+    stamp = (tmp_path / "runs" / "n1-d64-seed0" / "result.json").stat().st_mtime_ns
+    run_study(study, tmp_path, seeds=2, smoke=True, mlflow=False, say=lambda _: None)
+    assert (tmp_path / "runs" / "n1-d64-seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("name", ["n-code", "induction", "bytes"])
+def test_other_studies_smoke_run(name, tmp_path):
+    """The corpus, training and measurement of each other study run end to end (two variants,
+    one seed, a few steps): metrics in range, the claims judged (too few seeds to decide)."""
+    from mtp_dist.repro.studies import STUDIES
+    from mtp_dist.repro.study import run_study
+
+    study = STUDIES[name]()
+    first = study.claims[0]  # the two variants its first claim compares
+    study.variants = [v for v in study.variants if v.label in (first.better, first.worse)]
+    summary = run_study(study, tmp_path, seeds=1, smoke=True, mlflow=False, say=lambda _: None)
+    for v in study.variants:
+        row = summary["table"][v.label]
+        assert row["val_loss_head1"]["mean"] > 0
+        for key, stat in row.items():
+            if "acc" in key:
+                assert 0 <= stat["mean"] <= 1, key
+    judged = summary["verdicts"]
+    assert judged and all(v["verdict"].startswith("inconclusive") for v in judged)
+    if study.curve:
+        result = json.loads(
+            (tmp_path / "runs" / f"{study.variants[0].label}-seed0" / "result.json").read_text()
+        )
+        assert [s for s, _ in result["curve"]] == [1, 2, 3, 4, 5, 6]
