@@ -34,6 +34,9 @@ class ModelConfig:
     """Transformer layers of the equivalent next-token model (trunk + its one head layer)."""
     n_attn_heads: int = 4
     """Attention heads per layer (d_model must be divisible by it)."""
+    n_kv_heads: int = 0
+    """Key/value heads per layer, grouped-query attention (Llama-2-70B, Llama 3): each serves
+    n_attn_heads / n_kv_heads query heads. 0 = n_attn_heads (multi-head attention)."""
     ffn_hidden: int = 0
     """SwiGLU hidden width; 0 means the Llama rule: 2/3 * 4 * d_model rounded up to 64."""
     n_future: int = 4
@@ -57,6 +60,10 @@ class ModelConfig:
     and cross-entropy run on about this many tokens at a time (whole sequence positions of
     the micro-batch, at least one), forward and backward, so a head's logits never exist
     whole. Same loss and gradients; docs/sequential_heads.md."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_attn_heads
 
     @property
     def trunk_layers(self) -> int:
@@ -205,6 +212,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.n_attn_heads >= 1, "model.n_attn_heads", "must be >= 1")
     need(m.d_model % m.n_attn_heads == 0, "model.d_model", "must be divisible by n_attn_heads")
     need((m.d_model // m.n_attn_heads) % 2 == 0, "model.n_attn_heads", "head dim must be even")
+    need(m.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0 (0 = n_attn_heads)")
+    need(
+        m.n_kv_heads == 0 or m.n_attn_heads % m.n_kv_heads == 0,
+        "model.n_kv_heads",
+        f"must divide model.n_attn_heads={m.n_attn_heads}",
+    )
     need(m.trunk_layers >= 0, "model.n_layers", f"too few layers for {m.n_future} heads")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0")
     need(m.loss_chunk >= 0, "model.loss_chunk", "must be >= 0 (0 = no chunking)")

@@ -34,9 +34,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def random_model(n_future: int, vocab: int, seed: int = 0, max_seq_len: int = 96) -> MTPModel:
+def random_model(
+    n_future: int, vocab: int, seed: int = 0, max_seq_len: int = 96, n_kv_heads: int = 0
+) -> MTPModel:
     torch.manual_seed(seed)
     cfg = ModelConfig(
+        n_kv_heads=n_kv_heads,
         vocab_size=vocab,
         d_model=32,
         n_layers=1 + n_future,
@@ -98,6 +101,33 @@ def test_every_draft_count_gives_greedy():
         assert out.tokens == plain, n_draft
     with pytest.raises(ValueError):
         dec.run(prompts, max_new_tokens=4, speculative=True, n_draft=8)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_grouped_query_attention_decodes_exactly(n_kv_heads):
+    """A GQA model (4 query heads sharing 2 or 1 key/value heads): the caches hold only the
+    key/value heads; cached greedy == the uncached model, speculative (all drafts and auto,
+    batched and alone) == greedy, and the fused layers == the modules."""
+    model = random_model(4, SP_VOCAB, seed=5, n_kv_heads=n_kv_heads)
+    prompts = prompts_for(SP_VOCAB)
+    dec = Decoder(model)
+    plain = dec.run(prompts, max_new_tokens=12)
+    for p, got in zip(prompts, plain.tokens):
+        assert got == reference_greedy(model, p, 12)
+    assert Decoder(model, fused=False).run(prompts, max_new_tokens=12).tokens == plain.tokens
+    for n_draft in (None, "auto", 1):
+        spec = dec.run(prompts, max_new_tokens=12, speculative=True, n_draft=n_draft)
+        assert spec.tokens == plain.tokens, n_draft
+    alone = dec.run(prompts[3:4], max_new_tokens=12, speculative=True)
+    assert alone.tokens == plain.tokens[3:4]
+    cache = ModelCache(1, 0, torch.zeros(1, dtype=torch.long), capacity=8)
+    from mtp_dist.inference.fused import FusedBlock
+
+    x = torch.randn(1, 3, model.cfg.d_model, dtype=torch.float64)
+    FusedBlock(model.trunk[0])(
+        x, rotary_table(model)[torch.arange(3)][None, :, None], cache.trunk[0]
+    )
+    assert cache.trunk[0].k.shape == (1, n_kv_heads, 8, model.cfg.d_model // 4)
 
 
 def test_auto_draft_count_drops_rare_drafts_and_stays_greedy():
@@ -199,7 +229,7 @@ def test_draft_heads_match_model_heads():
         for size, last in ((5, (4, 2)), (6, (5, 0)), (3, (2, 2))):
             last = torch.tensor(last)
             pos = kept[:, None] + torch.arange(size)  # (2, size) absolute positions per row
-            freqs = rotary_table(model)[pos][:, :, None, None]
+            freqs = rotary_table(model)[pos][:, :, None]
             out = drafts(h[rows[:, None], pos], freqs, last, cache.heads[1])  # (2, 3, d)
             torch.testing.assert_close(out, ref[rows, kept + last], rtol=0, atol=1e-12)
             cache.commit(last + 1)
@@ -279,7 +309,7 @@ def test_fused_block_is_the_block():
     x = torch.randn(3, 7, model.cfg.d_model, dtype=torch.float64)
     positions = torch.arange(7).expand(3, 7)
     cos, sin = model.rotary(positions)
-    freqs = rotary_table(model)[positions][:, :, None, None]
+    freqs = rotary_table(model)[positions][:, :, None]
     outs = []
     for fused in (False, True):
         run = FusedBlock(block) if fused else block

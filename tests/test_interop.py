@@ -27,8 +27,9 @@ from mtp_dist.checkpoint import load_for_inference
 from mtp_dist.checkpoint.hf import from_hf, to_hf
 from mtp_dist.checkpoint.meta import export_meta
 from mtp_dist.cli import main
-from mtp_dist.config import load_config
+from mtp_dist.config import ModelConfig, load_config
 from mtp_dist.inference import Decoder
+from mtp_dist.model import MTPModel
 from mtp_dist.tokenizers import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 transformers = pytest.importorskip("transformers")
@@ -153,6 +154,7 @@ def meta_forward(directory: Path, ids: torch.Tensor) -> torch.Tensor:
     params = json.loads((directory / "params.json").read_text())
     w = torch.load(directory / "consolidated.00.pth", weights_only=True)
     dim, n_heads, eps = params["dim"], params["n_heads"], params["norm_eps"]
+    n_kv = params.get("n_kv_heads") or n_heads  # Meta's repeat_kv: each k/v head serves a group
     hd, T = dim // n_heads, ids.shape[1]
     freqs = 1.0 / (params["rope_theta"] ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
     freqs_cis = torch.polar(torch.ones(T, hd // 2), torch.outer(torch.arange(T).float(), freqs))
@@ -168,8 +170,9 @@ def meta_forward(directory: Path, ids: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         h = norm(x, w[p + "attention_norm.weight"])
         q, k, v = (h @ w[f"{p}attention.w{n}.weight"].T for n in "qkv")
-        q, k, v = (t.view(B, T, n_heads, hd) for t in (q, k, v))
+        q, k, v = (t.view(B, T, -1, hd) for t in (q, k, v))
         q, k = rope(q), rope(k)
+        k, v = (t.repeat_interleave(n_heads // n_kv, dim=2) for t in (k, v))
         scores = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3)) / math.sqrt(hd)
         scores = scores + torch.full((T, T), float("-inf")).triu(1)
         y = F.softmax(scores.float(), dim=-1) @ v.transpose(1, 2)
@@ -198,6 +201,39 @@ def test_meta_export_matches_meta_forward(tmp_path, runs):
     errs = [rel_err(logits[i], mine[i]) for i in range(3)]
     print(f"Meta forward vs ours, relative error per head: {errs}")
     assert max(errs) <= 1e-5
+
+
+def test_grouped_query_attention_goes_out_and_comes_back(tmp_path, capsys):
+    """A GQA model (4 query heads, 2 key/value heads): transformers' Llama with
+    num_key_value_heads=2 gives its head-1 logits, Meta's forward (repeat_kv) every head's,
+    and export meta -> import meta is bit-identical, n_kv_heads included."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=4, n_attn_heads=4, n_kv_heads=2,
+                      n_future=2, max_seq_len=64, init_std=0.1)  # fmt: skip
+    tok = ByteTokenizer()
+    run = save_checkpoint(MTPModel(cfg).eval(), tok, tmp_path / "gqa")
+    assert cli(capsys, "export", "hf", str(run), str(tmp_path / "hf")) == (0, "")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert hf.config.num_key_value_heads == 2
+    capsys.readouterr()  # transformers' loading progress bar
+    ours, _ = load_for_inference(run)
+    ids = torch.tensor([tok.encode((STDLIB / "shlex.py").read_text())[:60]])
+    with torch.no_grad():
+        assert rel_err(hf.eval()(ids).logits, ours.next_token_logits(ids)) <= 1e-5
+        h, cos, sin = ours.trunk_forward(ids)
+        mine = [ours.heads.logits(h, cos, sin, i) for i in range(2)]
+    export_meta(run, tmp_path / "meta")
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["n_kv_heads"] == 2
+    theirs = meta_forward(tmp_path / "meta", ids)
+    assert max(rel_err(theirs[i], mine[i]) for i in range(2)) <= 1e-5
+    code, err = cli(capsys, "import", "meta", str(tmp_path / "meta"), "--out",
+                    str(tmp_path / "back"), "--max-seq-len", "64")  # fmt: skip
+    assert (code, err) == (0, "")
+    ckpt = next((tmp_path / "back" / "checkpoints").iterdir())
+    assert load_config(ckpt / "config.yaml").model.n_kv_heads == 2
+    before = torch.load(run / "model.pt", weights_only=True)
+    after = torch.load(ckpt / "model.pt", weights_only=True)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_meta_round_trip_is_bit_identical(tmp_path, capsys, runs, llama_tok):
@@ -352,7 +388,8 @@ def _edit_weights(directory: Path, edit) -> None:
             lambda d: _edit_weights(d, lambda s: s.update({"output.weight": torch.ones(3, 3)})),
             "output.weight has shape (3, 3)",
         ),
-        (lambda d: _edit_params(d, n_kv_heads=2), "grouped-query attention is not supported"),
+        (lambda d: _edit_params(d, n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=4"),
+        (lambda d: _edit_params(d, n_kv_heads=2), "layers.0.attention.wk.weight has shape"),
     ],
 )
 def test_import_mismatches_are_one_line(tmp_path, capsys, meta_dir, breakage, message):

@@ -305,3 +305,31 @@ def test_heads_held_and_reduction_are_constructor_seams():
     assert out.head_ids == (1, 3) and out.head_losses.shape == (2,)
     out.loss.backward()
     assert calls == ["hidden", 2]  # the trunk gradient, and the unembedding's norm + projection
+
+
+def test_grouped_query_attention_is_attention_with_shared_key_value_heads():
+    """n_kv_heads = 2 of 4: the model equals the multi-head model whose key/value projections
+    repeat each of its 2 heads for its 2 query heads (query head h reads k/v head h // 2), in
+    float64; the k/v projections are half as wide."""
+    import copy
+
+    from mtp_dist.config import ModelConfig
+    from mtp_dist.model import MTPModel
+
+    base = dict(vocab_size=64, d_model=32, n_layers=3, n_attn_heads=4, n_future=2, max_seq_len=16)
+    torch.manual_seed(0)
+    gqa = MTPModel(ModelConfig(**base, n_kv_heads=2)).double()
+    mha = MTPModel(ModelConfig(**base)).double()
+    state = copy.deepcopy(gqa.state_dict())
+    hd = 32 // 4
+    for name, tensor in list(state.items()):
+        if name.replace("__", ".").endswith(("attn.wk.weight", "attn.wv.weight")):  # heads: flat
+            assert tensor.shape == (2 * hd, 32)
+            state[name] = tensor.view(2, hd, 32).repeat_interleave(2, dim=0).reshape(4 * hd, 32)
+    mha.load_state_dict(state)
+    ids = torch.randint(0, 64, (2, 12))
+    labels = torch.randint(0, 64, (2, 12 + 2))
+    torch.testing.assert_close(gqa(ids, labels).loss, mha(ids, labels).loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        gqa.next_token_logits(ids), mha.next_token_logits(ids), rtol=1e-12, atol=1e-12
+    )

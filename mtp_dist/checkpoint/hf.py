@@ -91,7 +91,7 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
         "intermediate_size": cfg.ffn_width,
         "num_hidden_layers": cfg.trunk_layers + 1,
         "num_attention_heads": cfg.n_attn_heads,
-        "num_key_value_heads": cfg.n_attn_heads,
+        "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.d_model // cfg.n_attn_heads,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,

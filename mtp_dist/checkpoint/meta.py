@@ -112,7 +112,7 @@ def meta_params(cfg: ModelConfig) -> dict:
         "dim": cfg.d_model,
         "n_layers": cfg.trunk_layers + cfg.n_future,  # every block: `layers` + `extra_heads`
         "n_heads": cfg.n_attn_heads,
-        "n_kv_heads": cfg.n_attn_heads,
+        "n_kv_heads": cfg.kv_heads,
         "vocab_size": cfg.vocab_size,
         "multiple_of": multiple_of,
         "ffn_dim_multiplier": multiplier,
@@ -120,6 +120,11 @@ def meta_params(cfg: ModelConfig) -> dict:
         "rope_theta": cfg.rope_theta,
         "n_future_tokens": cfg.n_future,
     }
+
+
+def _rotated_heads(path: str, cfg: ModelConfig) -> int:
+    """Heads of a rotated projection: the query heads for wq, the key/value heads for wk."""
+    return cfg.kv_heads if path == "attn.wk.weight" else cfg.n_attn_heads
 
 
 def export_meta(source: str | Path, out: str | Path) -> Path:
@@ -131,7 +136,7 @@ def export_meta(source: str | Path, out: str | Path) -> Path:
     for name, spec in parameter_table(cfg).items():
         tensor = weights.state[name]
         if spec.path in _ROTATED:
-            tensor = half_to_interleaved(tensor, cfg.n_attn_heads)
+            tensor = half_to_interleaved(tensor, _rotated_heads(spec.path, cfg))
         state[meta_name(spec, cfg)] = tensor
     with atomic_dir(out) as tmp:
         torch.save(state, tmp / WEIGHTS)
@@ -166,12 +171,9 @@ def model_config(params: dict, tokenizer, max_seq_len: int, where: Path) -> Mode
         raise CheckpointError(
             f"{where}: n_layers={trunk + n_future} cannot hold n_future_tokens={n_future} heads"
         )
-    n_kv = params.get("n_kv_heads") or n_heads
-    if n_kv != n_heads:
-        raise CheckpointError(
-            f"{where}: n_kv_heads={n_kv} differs from n_heads={n_heads}; grouped-query "
-            "attention is not supported"
-        )
+    n_kv = int(params.get("n_kv_heads") or n_heads)
+    if n_heads % n_kv:
+        raise CheckpointError(f"{where}: n_kv_heads={n_kv} does not divide n_heads={n_heads}")
     vocab = int(params.get("vocab_size") or -1)
     if vocab <= 0:  # Llama-2's params.json says -1: the tokenizer's size
         vocab = tokenizer.vocab_size
@@ -188,6 +190,7 @@ def model_config(params: dict, tokenizer, max_seq_len: int, where: Path) -> Mode
         d_model=dim,
         n_layers=trunk + n_future,
         n_attn_heads=n_heads,
+        n_kv_heads=0 if n_kv == n_heads else n_kv,
         ffn_hidden=ffn,
         n_future=n_future,
         parameter_matched=True,
@@ -236,7 +239,7 @@ def import_meta(source: str | Path, run_dir: str | Path, max_seq_len: int | None
                 f"makes it {table[name].shape}"
             )
         if table[name].path in _ROTATED:
-            tensor = interleaved_to_half(tensor, model.n_attn_heads)
+            tensor = interleaved_to_half(tensor, _rotated_heads(table[name].path, model))
         state[name] = tensor
     cfg = RunConfig(
         run_dir=str(run_dir),

@@ -76,6 +76,8 @@ class Topology:
         tp = self.tensor
         checks = [
             (cfg.n_attn_heads % tp == 0, f"model.n_attn_heads={cfg.n_attn_heads}"),
+            # Megatron's rule too: each rank keeps whole key/value heads (none replicated).
+            (cfg.kv_heads % tp == 0, f"key/value heads {cfg.kv_heads} (model.n_kv_heads)"),
             (cfg.d_model % tp == 0, f"model.d_model={cfg.d_model}"),
             (cfg.ffn_width % tp == 0, f"ffn width {cfg.ffn_width}"),
             (cfg.vocab_size % tp == 0, f"model.vocab_size={cfg.vocab_size}"),

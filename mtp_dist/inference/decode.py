@@ -142,9 +142,9 @@ class Decoder:
 
     def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
         """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary factors
-        (fused path: complex (B, T, 1, 1, hd/2); module path: the model's (cos, sin))."""
+        (fused path: complex (B, T, 1, hd/2); module path: the model's (cos, sin))."""
         if self.fused:
-            rot = self.freqs[positions][:, :, None, None]
+            rot = self.freqs[positions][:, :, None]  # (B, T, 1, hd/2): every head alike
             x = F.embedding(ids, self.embedding)  # (B, T, d)
             for block, cache in zip(self.blocks, caches):
                 x = block(x, rot, cache)
@@ -163,7 +163,7 @@ class Decoder:
         if self.fused:
             return rot[:, :span]
         cos, sin = (t[:, :span] for t in rot)
-        return torch.complex(cos, sin)[:, :, None, None]
+        return torch.complex(cos, sin)[:, :, None]
 
     def drafter(self, n_draft: int) -> DraftHeads:
         if n_draft not in self._drafters:
@@ -369,7 +369,7 @@ class _Run:
             return
         k = width - 1
         self.drafter = self.drafter.leading(k)
-        self.cache.heads[1].keep_heads(k * self.drafter.n_heads)
+        self.cache.heads[1].keep_heads(k * self.drafter.n_kv_heads)
         self.drafts = self.drafts[:, :k]
         self.width, self.steps = width, self.steps[:width]
 

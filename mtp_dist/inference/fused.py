@@ -57,7 +57,7 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 class FusedBlock:
     """A `Block`'s weights (shared, not copied, except the stacked projections) and its forward
-    with a KV cache: `(x (B, T, d), freqs (B | 1, T, 1, 1, hd/2) complex, cache) -> (B, T, d)`."""
+    with a KV cache: `(x (B, T, d), freqs (B | 1, T, 1, hd/2) complex, cache) -> (B, T, d)`."""
 
     def __init__(self, block: Block) -> None:
         attn, mlp = block.attn, block.mlp
@@ -66,25 +66,27 @@ class FusedBlock:
         self.ffn = mlp.w_gate.weight.shape[0]
         w = lambda layer: layer.weight.detach()
         d = w(attn.wq).shape[1]
-        order = pair_order(d // self.head_dim, self.head_dim)
+        self.n_heads = d // self.head_dim
+        self.n_kv_heads = w(attn.wk).shape[0] // self.head_dim  # < n_heads: grouped-query
+        order = lambda n: pair_order(n, self.head_dim)
         t = lambda *ws: torch.cat(ws, dim=0).t().contiguous()
         self.attn_gain = w(block.attn_norm)
         self.mlp_gain = w(block.mlp_norm)
-        self.wqkv = t(w(attn.wq)[order], w(attn.wk)[order], w(attn.wv))  # (d, 3d)
+        wq, wk = w(attn.wq)[order(self.n_heads)], w(attn.wk)[order(self.n_kv_heads)]
+        self.wqkv = t(wq, wk, w(attn.wv))  # (d, d + 2 * kv width)
         self.wo = t(w(attn.wo))  # (d, d)
         self.w_gate_up = t(w(mlp.w_gate), w(mlp.w_up))  # (d, 2f)
         self.w_down = t(w(mlp.w_down))  # (f, d)
 
     def __call__(self, x: torch.Tensor, freqs: torch.Tensor, cache) -> torch.Tensor:
         B, T, d = x.shape
-        hd = self.head_dim
-        H = d // hd
+        hd, H, G = self.head_dim, self.n_heads, self.n_kv_heads
         x = x.reshape(B * T, d)
-        qkv = (rms_norm(x, self.attn_gain, self.eps) @ self.wqkv).view(B, T, 3, H, hd)
-        qk = rotate(qkv[:, :, :2], freqs)  # (B, T, 2, H, hd), pair-ordered
-        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # (B, H, T, hd)
-        k_all, v_all, mask = cache.update(k, qkv[:, :, 2].transpose(1, 2))
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, hd)
+        qkv = (rms_norm(x, self.attn_gain, self.eps) @ self.wqkv).view(B, T, H + 2 * G, hd)
+        qk = rotate(qkv[:, :, : H + G], freqs)  # (B, T, H + G, hd), pair-ordered
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H | G, T, hd)
+        k_all, v_all, mask = cache.update(k, qkv[:, :, H + G :].transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=G != H)
         x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, d), self.wo)
         gate_up = rms_norm(x, self.mlp_gain, self.eps) @ self.w_gate_up
         f = self.ffn

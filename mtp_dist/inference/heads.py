@@ -35,7 +35,9 @@ def head_block(model: MTPModel, i: int) -> Block:
     """Head i (0-based) as a `Block` sharing the model's tensors."""
     cfg = model.cfg
     with torch.device("meta"):
-        block = Block(cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, LocalLayers())
+        block = Block(
+            cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, LocalLayers(), cfg.kv_heads
+        )
     block.load_state_dict(_weights(model, model.heads.head_param_names[i]), assign=True)
     return block.eval()
 
@@ -61,13 +63,16 @@ class DraftHeads:
         cfg = model.cfg
         self.count, self.eps = count, cfg.norm_eps
         self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.d_model // cfg.n_attn_heads
+        self.n_kv_heads = cfg.kv_heads
         w = [_weights(model, model.heads.head_param_names[i]) for i in range(first, first + count)]
         stack = lambda key: torch.stack([x[key] for x in w])  # (K, out, in) or (K, d)
         t = lambda key: stack(key).transpose(1, 2)  # (K, in, out) for bmm
         # q/k output columns pair-ordered for the complex rotary multiplication (fused.py).
-        order = pair_order(self.n_heads, self.head_dim)
-        qkv = [t(f"attn.{name}.weight")[:, :, order] for name in ("wq", "wk")]
-        qkv.append(t("attn.wv.weight"))
+        qkv = [
+            t("attn.wq.weight")[:, :, pair_order(self.n_heads, self.head_dim)],
+            t("attn.wk.weight")[:, :, pair_order(self.n_kv_heads, self.head_dim)],
+            t("attn.wv.weight"),
+        ]
         gate_up = [t("mlp.w_gate.weight"), t("mlp.w_up.weight")]
         self.wqkv = torch.cat(qkv, dim=2) * stack("attn_norm.weight")[:, :, None]  # (K, d, 3d)
         self.w_gate_up = torch.cat(gate_up, dim=2) * stack("mlp_norm.weight")[:, :, None]
@@ -90,21 +95,24 @@ class DraftHeads:
         cache: LayerCache,
     ) -> torch.Tensor:
         """Trunk output h (B, S, d) of the S new cache positions, their rotary factors `freqs`
-        (B, S, 1, 1, hd/2) complex (fused.py); `last` (B,): per sequence the position (index
+        (B, S, 1, hd/2) complex (fused.py); `last` (B,): per sequence the position (index
         into S) whose head outputs are wanted. Returns (B, K, d)."""
         B, S, d = h.shape
-        K, H, hd = self.count, self.n_heads, self.head_dim
+        K, H, G, hd = self.count, self.n_heads, self.n_kv_heads, self.head_dim
         rows = torch.arange(B, device=h.device)
         xn = F.rms_norm(h, (d,), eps=self.eps).reshape(1, B * S, d).expand(K, -1, -1)
-        qkv = torch.bmm(xn, self.wqkv).view(K, B, S, 3, H, hd)
-        qk = rotate(qkv[:, :, :, :2], freqs)  # (K, B, S, 2, H, hd): all heads, one call
-        # The K heads' attention heads side by side: (B, K*H, S, hd).
-        side = lambda t: t.permute(1, 0, 3, 2, 4).reshape(B, K * H, S, hd)
-        q, k, v = side(qk[:, :, :, 0]), side(qk[:, :, :, 1]), side(qkv[:, :, :, 2])
+        qkv = torch.bmm(xn, self.wqkv).view(K, B, S, H + 2 * G, hd)
+        qk = rotate(qkv[:, :, :, : H + G], freqs)  # (K, B, S, H + G, hd): all heads, one call
+        # The K heads' attention heads side by side: (B, K*H, S, hd) and (B, K*G, S, hd); query
+        # head k*H + j reads key/value head k*G + j // (H/G), as grouped-query attention does.
+        side = lambda t: t.permute(1, 0, 3, 2, 4).reshape(B, -1, S, hd)
+        q, k, v = side(qk[:, :, :, :H]), side(qk[:, :, :, H:]), side(qkv[:, :, :, H + G :])
         # Keys and values of all S positions go to the cache; the query only at `last`.
         k_all, v_all, mask = cache.update(k, v)  # mask (B, 1, S, used)
         q = q[rows, :, last][:, :, None]  # (B, K*H, 1, hd)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[rows, :, last, None])
+        y = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask[rows, :, last, None], enable_gqa=G != H
+        )
         x = h[rows, last][None]  # (1, B, d)
         x = x + torch.bmm(y.view(B, K, d).transpose(0, 1), self.wo)  # (K, B, d)
         xm = F.rms_norm(x, (d,), eps=self.eps)

@@ -112,13 +112,17 @@ class Attention(nn.Module):
     inference engine's); mask None means plain causal attention over the new tokens.
     """
 
-    def __init__(self, d_model: int, n_heads: int, layers: LayerFactory) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, layers: LayerFactory, n_kv_heads: int | None = None
+    ) -> None:
         super().__init__()
         self.head_dim = d_model // n_heads
-        # Separate q/k/v projections so a column split keeps whole heads on each rank.
+        kv_width = (n_kv_heads or n_heads) * self.head_dim  # grouped-query attention: fewer k/v
+        # Separate q/k/v projections so a column split keeps whole heads on each rank (and,
+        # with n_kv_heads divisible by the split, each rank's query heads with their k/v heads).
         self.wq = layers.column(d_model, d_model)
-        self.wk = layers.column(d_model, d_model)
-        self.wv = layers.column(d_model, d_model)
+        self.wk = layers.column(d_model, kv_width)
+        self.wv = layers.column(d_model, kv_width)
         self.wo = layers.row(d_model, d_model)
 
     def forward(
@@ -127,15 +131,17 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, T, d_local)
         n_local = q.shape[-1] // self.head_dim  # fewer heads per rank under tensor parallelism
-        q, k, v = (t.view(B, T, n_local, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, hd)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H or Hkv, T, hd)
         mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(k, v)
+        # Query head h reads key/value head h // (H / Hkv): torch's grouped-query attention.
+        gqa = k.shape[1] != n_local
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, n_local * self.head_dim))
 
 
@@ -154,11 +160,17 @@ class Block(nn.Module):
     """Pre-norm transformer layer; used for the trunk and for every output head."""
 
     def __init__(
-        self, d_model: int, n_heads: int, ffn_hidden: int, eps: float, layers: LayerFactory
+        self,
+        d_model: int,
+        n_heads: int,
+        ffn_hidden: int,
+        eps: float,
+        layers: LayerFactory,
+        n_kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = layers.norm(d_model, eps)
-        self.attn = Attention(d_model, n_heads, layers)
+        self.attn = Attention(d_model, n_heads, layers, n_kv_heads)
         self.mlp_norm = layers.norm(d_model, eps)
         self.mlp = SwiGLU(d_model, ffn_hidden, layers)
 

@@ -27,7 +27,9 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     default initialisation happens in the same order in both."""
 
     def block(layers: LayerFactory) -> nn.Module:
-        return Block(cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, layers)
+        return Block(
+            cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, layers, cfg.kv_heads
+        )
 
     plan: list[tuple[Owner, Callable[[LayerFactory], nn.Module]]] = [
         (Owner("embed"), lambda layers: layers.embedding(cfg.vocab_size, cfg.d_model))
