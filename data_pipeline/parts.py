@@ -112,7 +112,8 @@ class PartInfo:
             raise PartError(f"part {directory}: format {found!r}, expected {PART_FORMAT!r}")
         names = {f.name for f in fields(cls)}
         if set(data) != names:
-            raise PartError(f"part {directory}: {PART_JSON} lacks {sorted(names - set(data))}")
+            lacks, extra = sorted(names - set(data)), sorted(set(data) - names)
+            raise PartError(f"part {directory}: {PART_JSON} lacks {lacks}, has unknown {extra}")
         return cls(**data)
 
     def save(self, directory: Path) -> None:
@@ -273,6 +274,11 @@ def build_part(
     return info
 
 
+def _named(info: PartInfo) -> str:
+    t = info.tokenizer
+    return f"{t.get('kind')} (vocab {t.get('vocab_size')}, sha256 {str(t.get('sha256'))[:12]})"
+
+
 def _differs(a: object, b: object, key: str) -> str:
     return f"{key}={json.dumps(a, sort_keys=True)} vs {json.dumps(b, sort_keys=True)}"
 
@@ -303,8 +309,8 @@ def check_parts(dirs: Sequence[Path], infos: Sequence[PartInfo]) -> None:
     for d, info in zip(dirs, infos, strict=True):
         if info.tokenizer != ref.tokenizer or info.special_ids != ref.special_ids:
             raise PartError(
-                f"parts built with different tokenizers: {ref_dir} has {ref.tokenizer}, "
-                f"{d} has {info.tokenizer}"
+                f"parts built with different tokenizers: {ref_dir} has {_named(ref)}, "
+                f"{d} has {_named(info)}; train one and pass it to every part"
             )
         if info.config.get("fingerprint") != ref.config.get("fingerprint"):
             raise PartError(
