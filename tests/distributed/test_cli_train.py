@@ -24,7 +24,8 @@ def test_torchrun_data_parallel_train_then_consolidate(tmp_path: Path) -> None:
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", str(free_port()), "-m", "mtp_dist.cli", "train",
         "configs/tiny-cpu.yaml", f"run_dir={run}", "parallel.zero_stage=1",
-        "data.tokenizer=bytes", "model.d_model=64", "model.n_layers=5", "data.seq_len=32",
+        "data.tokenizer=bytes", "model.d_model=64", "model.n_attn_heads=4", "model.n_layers=5",
+        "data.seq_len=32",
         "train.micro_batch_size=2", "train.max_steps=2", "train.ckpt_every=2",
         "train.eval_every=0", "tracking.enabled=false",
     ]  # fmt: skip
