@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("heldout", help=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = subparsers.add_parser("heldout", help="bits per byte on held-out code vs gzip / xz")
     add_arguments(p)
     p.set_defaults(func=run, prefix="mtp heldout")
 
