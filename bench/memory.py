@@ -1,7 +1,8 @@
-"""Peak memory of one training step: n=1, n=4 naive / sequential / chunked (fresh processes).
+"""Peak memory of one training step: n=1, n=4 naive / sequential / chunked, and activation
+recompute (each variant in a fresh process), with step times measured side by side.
 
     python bench/memory.py [--vocab 32000 --d-model 512 --seq 1024 --batch 2 --layers 5]
-                           [--loss-chunk 256] [--time-steps 1]
+                           [--loss-chunk 256] [--recompute selective,full] [--timing-rounds 2]
 
 Each variant runs in its own Python process (peak RSS is per process and never goes down). The
 process builds the model and AdamW, allocates the optimizer state, records its resident set, then
@@ -9,8 +10,18 @@ runs ONE training step (forward, backward, optimizer step) and reads the peak RS
 the peak minus the resident set before the step: the memory the step itself needs (activations,
 logits and their gradients, parameter gradients), which is what the loss implementation controls.
 `total_mb` is the whole process's peak (Python + torch + weights + optimizer state + step).
-`step_s` is the wall time of `--time-steps` further steps (median), taken after the measured one
-so that first-touch page faults are not in it.
+`step_s` is that step's wall time (its own process; noisy on a shared machine).
+
+Variants: n1 (the ordinary next-token model, one graph), n1_sequential (the trick alone at n = 1),
+n4_naive, n4_sequential, n4_chunked (sequential + `model.loss_chunk`), and for each `--recompute`
+mode `n1_recompute_<mode>` and `n4_chunked_recompute_<mode>` (`train.recompute`, applied as the
+engines apply it). Same trunk + heads layer count in all (n = 4 is parameter-matched).
+
+Step-time ratios come from one more process that runs the compared variants' steps interleaved
+(forward + backward, no optimizer step: it is the same in every variant), `--timing-rounds`
+rounds after one warm-up round, median per variant, so that load from other processes hits all
+of them alike.
+
 Prints a table, then one JSON object (last line) with the peaks and the ratios (of step_mb).
 
 `--device cuda`: the same step on the GPU, measured with torch.cuda.memory_allocated before the
@@ -28,15 +39,19 @@ import subprocess
 import sys
 import time
 
-# name -> (n_future, loss_impl, chunked). n1 is the ordinary next-token model (one graph);
-# n1_sequential shows the trick alone at n = 1; n4_chunked adds `--loss-chunk` to sequential.
-VARIANTS = {
+# name -> (n_future, loss_impl, chunked)
+BASE = {
     "n1": (1, "naive", False),
     "n1_sequential": (1, "sequential", False),
     "n4_naive": (4, "naive", False),
     "n4_sequential": (4, "sequential", False),
     "n4_chunked": (4, "sequential", True),
 }
+RECOMPUTED = ("n1", "n4_chunked")  # the variants also measured under each --recompute mode
+
+
+def variants(modes: list[str]) -> list[str]:
+    return list(BASE) + [f"{base}_recompute_{mode}" for mode in modes for base in RECOMPUTED]
 
 
 def rss_mb() -> float:
@@ -45,15 +60,17 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(args: argparse.Namespace) -> dict:
+def build(args: argparse.Namespace, name: str):
+    """(model, inputs, labels) of variant `name`, on args.device."""
     import torch
 
     from mtp_dist.config import ModelConfig
     from mtp_dist.model import MTPModel, split_window
+    from mtp_dist.training.engine import apply_recompute
 
+    base, _, mode = name.partition("_recompute_")
+    n_future, impl, chunked = BASE[base]
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    n_future, impl, chunked = VARIANTS[args.child]
     cfg = ModelConfig(
         vocab_size=args.vocab,
         d_model=args.d_model,
@@ -66,42 +83,67 @@ def measure(args: argparse.Namespace) -> dict:
     )
     device = torch.device(args.device)
     model = MTPModel(cfg).to(device)
+    apply_recompute(model, mode or "none")
+    window = torch.randint(0, args.vocab, (args.batch, args.seq + n_future), device=device)
+    return (model, *split_window(window, args.seq))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    model, inputs, labels = build(args, args.child)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # allocate Adam's moments before the measured step
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    window = torch.randint(0, args.vocab, (args.batch, args.seq + n_future), device=device)
-    inputs, labels = split_window(window, args.seq)
-    cuda = device.type == "cuda"
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
         before = rss_mb()
-
-    def step() -> float:
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model(inputs, labels).loss.backward()
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    first = step()
+    start = time.perf_counter()
+    model(inputs, labels).loss.backward()
+    opt.step()
     if cuda:
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    times = [step() for _ in range(args.time_steps)] or [first]
     return {
         "total_mb": round(peak, 1),
         "step_mb": round(peak - before, 1),
         "before_mb": round(before, 1),
-        "step_s": round(statistics.median(times), 3),
+        "step_s": round(time.perf_counter() - start, 3),
     }
+
+
+def timing(args: argparse.Namespace, names: list[str]) -> dict:
+    """Median forward + backward seconds per variant, the variants' steps interleaved."""
+    import torch
+
+    torch.set_num_threads(2)
+    built = {name: build(args, name) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.timing_rounds + 1):  # round 0 warms up (first calls are slow)
+        for name, (model, inputs, labels) in built.items():
+            start = time.perf_counter()
+            model(inputs, labels).loss.backward()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)  # one model's gradients in memory at a time
+    return {name: round(statistics.median(t), 3) for name, t in times.items()}
+
+
+def run_child(role: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", role] + sys.argv[1:]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -112,22 +154,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--layers", type=int, default=5, help="layers of the n=1 model")
     parser.add_argument("--loss-chunk", type=int, default=256, help="tokens, n4_chunked")
-    parser.add_argument("--time-steps", type=int, default=1, help="timed steps after it")
+    parser.add_argument("--recompute", default="selective,full", help="modes, comma-separated")
+    parser.add_argument("--timing-rounds", type=int, default=2, help="0: no interleaved timing")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    modes = [m for m in args.recompute.split(",") if m]
+    timed = ["n4_sequential", "n4_chunked", "n1"]
+    timed += [f"{base}_recompute_{mode}" for mode in modes for base in RECOMPUTED]
+    if args.child == "timing":
+        print(json.dumps(timing(args, timed)))
+        return
     if args.child:
         print(json.dumps(measure(args)))
         return
-    results = {}
-    for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--child", name] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-    print(f"{'variant':<15}{'step MB':>10}{'total MB':>10}{'step s':>10}")
+    results = {name: run_child(name) for name in variants(modes)}
+    times = run_child("timing") if args.timing_rounds > 0 else {}
+    print(f"{'variant':<30}{'step MB':>10}{'total MB':>10}{'step s':>10}{'interleaved s':>15}")
     for name, r in results.items():
-        print(f"{name:<15}{r['step_mb']:>10.0f}{r['total_mb']:>10.0f}{r['step_s']:>10.2f}")
-    n1, seq = results["n1"], results["n4_sequential"]
+        interleaved = f"{times[name]:>15.2f}" if name in times else f"{'':>15}"
+        print(f"{name:<30}{r['step_mb']:>10.0f}{r['total_mb']:>10.0f}{r['step_s']:>10.2f}"
+              f"{interleaved}")  # fmt: skip
+    n1, chunked = results["n1"], results["n4_chunked"]
     summary = {
         "config": {k: v for k, v in vars(args).items() if k != "child"},
         "peaks": results,
@@ -138,10 +186,33 @@ def main() -> None:
             results["n4_sequential"]["total_mb"] / n1["total_mb"], 3
         ),
         "ratio_total_naive_vs_n1": round(results["n4_naive"]["total_mb"] / n1["total_mb"], 3),
-        "ratio_chunked_n4_vs_n1": round(results["n4_chunked"]["step_mb"] / n1["step_mb"], 3),
-        "ratio_step_time_chunked_vs_sequential": round(
-            results["n4_chunked"]["step_s"] / seq["step_s"], 3
-        ),
+        "ratio_chunked_n4_vs_n1": round(chunked["step_mb"] / n1["step_mb"], 3),
+        "interleaved_step_s": times,
+    }
+    if times:
+        summary["ratio_step_time_chunked_vs_sequential"] = round(
+            times["n4_chunked"] / times["n4_sequential"], 3
+        )
+    # Per recompute mode and recomputed variant: step memory saved (MB, and as a fraction of
+    # that variant's step without recompute) and step time paid (interleaved, x no recompute).
+    summary["recompute"] = {
+        mode: {
+            base: {
+                "step_mb_saved": round(
+                    results[base]["step_mb"] - results[f"{base}_recompute_{mode}"]["step_mb"], 1
+                ),
+                "ratio_step_mb": round(
+                    results[f"{base}_recompute_{mode}"]["step_mb"] / results[base]["step_mb"], 3
+                ),
+                **(
+                    {"ratio_step_time": round(times[f"{base}_recompute_{mode}"] / times[base], 3)}
+                    if times
+                    else {}
+                ),
+            }
+            for base in RECOMPUTED
+        }
+        for mode in modes
     }
     print(json.dumps(summary))
 

@@ -139,6 +139,11 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     max_bad_steps: int = 5
     """Consecutive NaN/inf-loss steps tolerated (skipped) before aborting."""
+    recompute: str = "none"
+    """Activation recompute of the trunk layers (the same gradients for less memory and more
+    time): 'none'; 'selective' (each trunk layer's MLP, the largest activations of a layer,
+    is re-run in backward); 'full' (each trunk layer keeps only its input). The heads are
+    never recomputed (docs/recompute.md)."""
 
 
 @dataclass(kw_only=True)
@@ -187,6 +192,7 @@ _CHOICES = {
     "data.tokenizer": ("bytes", "sentencepiece"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
+    "train.recompute": ("none", "selective", "full"),
     "parallel.backend": ("auto", "gloo", "nccl"),
 }
 

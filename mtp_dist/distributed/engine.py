@@ -26,6 +26,7 @@ from ..model.init import initial_parameters
 from ..training.engine import (
     HeadTotals,
     StepMetrics,
+    apply_recompute,
     lr_lambda,
     param_dtype,
     param_groups,
@@ -128,6 +129,9 @@ class DeepSpeedTrainEngine:
         self.pipe_group = parallel_state.get_pipeline_model_parallel_group()
         self.bf16 = uses_bf16(cfg.train.precision, device)
         model = build_model(cfg, topo, rank, initial)
+        # Before the pipeline is cut and DeepSpeed wraps the model: the hooks go on this
+        # rank's own trunk layers, whichever stage or engine runs them.
+        self.recomputed = apply_recompute(model, cfg.train.recompute)
         # Parameters by identity -> canonical name: the pipeline module re-nests the same
         # parameter objects under its own names, so names are taken before it exists.
         self._names = {param: name for name, param in model.named_parameters()}

@@ -3,7 +3,8 @@
 `TrainEngine` is the seam between the trainer loop and whoever updates the weights. `LocalEngine`
 is the single-process one (AdamW, warmup + cosine, clipping, accumulation, autocast); the
 distributed layer provides a DeepSpeed-backed engine with the same methods. Each micro-batch gets
-exactly one forward and one backward call (what DeepSpeed engines require).
+exactly one forward and one backward call (what DeepSpeed engines require). Both engines apply
+`train.recompute` to the model they are given (`apply_recompute`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,35 @@ def summarize(outputs, tokens: int) -> StepMetrics:
     return HeadTotals.of(outputs).metrics(tokens)
 
 
+# -- activation recompute, applied by both engines to the model they train -------------------
+def recompute_targets(model: MTPModel, mode: str) -> list[nn.Module]:
+    """The modules `train.recompute` recomputes: none; each trunk layer's MLP ('selective'); each
+    trunk layer ('full'). The heads never: the sequential loss runs each head's forward and
+    backward back to back, so its activations are freed as soon as they are used anyway."""
+    if mode == "none":
+        return []
+    if mode == "selective":
+        return [block.mlp for block in model.trunk]
+    if mode == "full":
+        return list(model.trunk)
+    raise ValueError(f"train.recompute={mode!r}: expected none, selective or full")
+
+
+def apply_recompute(model: MTPModel, mode: str) -> int:
+    """Make each of `recompute_targets` keep only its inputs for backward and run its forward
+    again when backward reaches it (non-reentrant activation checkpointing). Applied from
+    outside, by forward hooks (torch's composable `checkpoint`), so the model's code, its
+    parameters and their names are unchanged, and whatever the layers are (local, Megatron's
+    tensor-parallel ones, a pipeline stage's) their own forward is what is re-run, collectives
+    included, in the same order on every rank. Returns how many modules recompute."""
+    from torch.distributed._composable import checkpoint
+
+    targets = recompute_targets(model, mode)
+    for module in targets:
+        checkpoint(module)
+    return len(targets)
+
+
 class LocalEngine:
     """One process, one device: AdamW + warmup/cosine + clipping + gradient accumulation."""
 
@@ -141,6 +171,7 @@ class LocalEngine:
         self.seq_len = seq_len
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device, param_dtype(cfg.precision))
+        self.recomputed = apply_recompute(self.model, cfg.recompute)  # modules re-run
         self.autocast = autocast_for(cfg.precision, self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay),

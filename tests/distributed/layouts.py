@@ -28,16 +28,27 @@ LAYOUTS = {
     "tp2_pp2_sp": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True, "zero_stage": 1}),
     "tp2_dp2_sp_zero2": (4, {"tensor": 2, "sequence_parallel": True, "zero_stage": 2}),
 }
-# Options some layouts train with (the same plain single-process reference still has to come
-# out): the chunked head cross-entropy under the vocab-parallel loss (tp2), with sequence
-# parallelism (tp2_sp: each rank's chunk is gathered over the sequence) and head parallelism.
-# Each feature's plain form stays covered by another layout (tp2_dp2, tp2_pp2_sp, head4).
-# loss_chunk 6 = 3 positions of a 2-row micro-batch: chunks of 3, 3 and 2 of the 8 positions.
+# Options some layouts train with; each must still give the plain single-process reference.
+# model.loss_chunk: the chunked head cross-entropy under the vocab-parallel loss (tp2), with
+# sequence parallelism (tp2_sp: each rank's chunk is gathered over the sequence) and head
+# parallelism (head2); 6 tokens = 3 positions of a 2-row micro-batch: chunks of 3, 3 and 2 of
+# the 8 positions (3 and 1 of a sequence-parallel rank's 4). train.recompute: one mode per
+# layout, covering TP, SP, PP, head parallelism and ZeRO 1/2/3. Each feature's plain form stays
+# covered by another layout (TP: tp2_dp2; SP: tp2_dp2_sp_zero2; PP: tp2_pp2; heads: head4,
+# tp2_head2; ZeRO-1: tp2_dp2; ZeRO-2: tp2_dp2_sp_zero2), ZeRO-3's by the dp1_zero3 runs and
+# their resumes (world1, world2_grow).
 OPTIONS: dict[str, dict] = {
-    "tp2": {"model": {"loss_chunk": 6}},
-    "tp2_sp": {"model": {"loss_chunk": 6}},
-    "head2": {"model": {"loss_chunk": 6}},
+    "dp2_zero1": {"train": {"recompute": "selective"}},
+    "dp2_zero2": {"train": {"recompute": "selective"}},
+    "dp2_zero3": {"train": {"recompute": "full"}},
+    "tp2": {"model": {"loss_chunk": 6}, "train": {"recompute": "full"}},
+    "pp2": {"train": {"recompute": "full"}},
+    "head2": {"model": {"loss_chunk": 6}, "train": {"recompute": "selective"}},
+    "tp2_sp": {"model": {"loss_chunk": 6}, "train": {"recompute": "selective"}},
+    "tp2_pp2_sp": {"train": {"recompute": "full"}},
 }
+
+
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
 DP_CHANGE = {
     "dp2_zero1_to_dp1": "dp2_zero1",

@@ -1,4 +1,5 @@
-"""Every layout trains like the single-process reference (CPU, gloo, float32).
+"""Every layout trains like the single-process reference (CPU, gloo, float32), including the
+layouts that train with the chunked head loss or activation recompute (layouts.OPTIONS).
 
 float32, not float64: DeepSpeed's CPU accelerator refuses float64 gradient all-reduce, ZeRO keeps
 float32 master weights, and Megatron's vocab_parallel_cross_entropy computes in float32. Observed
@@ -14,8 +15,18 @@ import functools
 
 import pytest
 import torch
-from layouts import DP_CHANGE, DP_GROW, LAYOUTS, MAX_DP, NAN_CHECK, SAVE_AT, STEPS, dp_size
-from reference import TRAIN, reference
+from layouts import (
+    DP_CHANGE,
+    DP_GROW,
+    LAYOUTS,
+    MAX_DP,
+    NAN_CHECK,
+    OPTIONS,
+    SAVE_AT,
+    STEPS,
+    dp_size,
+)
+from reference import MODEL, TRAIN, reference
 
 pytestmark = pytest.mark.distributed
 
@@ -64,6 +75,14 @@ def _layout_result(name: str, request) -> dict:
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_matches_single_process(name: str, request) -> None:
     result = _layout_result(name, request)
+    # The layout's options reached its engine (the reference is always the plain model).
+    options = OPTIONS.get(name, {})
+    mode = options.get("train", {}).get("recompute", "none")
+    trunk_layers = MODEL["n_layers"] - MODEL["n_future"]
+    assert result["applied"] == {
+        "loss_chunk": options.get("model", {}).get("loss_chunk", 0),
+        "recomputed": 0 if mode == "none" else trunk_layers,
+    }
     ref = _reference(TRAIN["micro_batch_size"] * dp_size(name))
     # Clipping must be active for the norm check to mean anything.
     assert min(ref["norms"]) > TRAIN["grad_clip"]

@@ -122,6 +122,8 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
             resumed.append(engine.train_step(micro).head_losses)
         return {"name": job["name"], "resumed": resumed}
     engine = runtime.build_engine(cfg)
+    # What reached the engine of the options the layout asked for (layouts.OPTIONS).
+    result["applied"] = {"loss_chunk": cfg.model.loss_chunk, "recomputed": engine.recomputed}
     grads: dict = {}
     capture_first_gradients(engine, grads)
     run_dir = Path(job["run_dir"])
