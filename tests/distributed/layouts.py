@@ -34,9 +34,9 @@ LAYOUTS = {
 # parallelism (head2); 6 tokens = 3 positions of a 2-row micro-batch: chunks of 3, 3 and 2 of
 # the 8 positions (3 and 1 of a sequence-parallel rank's 4). train.recompute: one mode per
 # layout, covering TP, SP, PP, head parallelism and ZeRO 1/2/3. Each feature's plain form stays
-# covered by another layout (TP: tp2_dp2; SP: tp2_dp2_sp_zero2; PP: tp2_pp2; heads: head4,
-# tp2_head2; ZeRO-1: tp2_dp2; ZeRO-2: tp2_dp2_sp_zero2), ZeRO-3's by the dp1_zero3 runs and
-# their resumes (world1, world2_grow).
+# covered by another layout (TP: tp2_dp2; SP: tp2_dp2_sp_zero2; PP: tp2_pp2; heads: head4;
+# ZeRO-1: tp2_dp2; ZeRO-2: tp2_dp2_sp_zero2), ZeRO-3's by the dp1_zero3 runs and their resumes
+# (world1, world2_grow).
 OPTIONS: dict[str, dict] = {
     "dp2_zero1": {"train": {"recompute": "selective"}},
     "dp2_zero2": {"train": {"recompute": "selective"}},
@@ -45,8 +45,13 @@ OPTIONS: dict[str, dict] = {
     "pp2": {"train": {"recompute": "full"}},
     "head2": {"model": {"loss_chunk": 6}, "train": {"recompute": "selective"}},
     "tp2_sp": {"model": {"loss_chunk": 6}, "train": {"recompute": "selective"}},
-    "tp2_pp2_sp": {"train": {"recompute": "full"}},
+    "tp2_pp2_sp": {"train": {"recompute": "full"}, "model": {"n_kv_heads": 2}},
+    # grouped-query attention (2 key/value heads for 4 query heads: one of each per TP rank),
+    # against a reference with the same n_kv_heads: with head parallelism, and above with PP + SP
+    "tp2_head2": {"model": {"n_kv_heads": 2}},
 }
+MODEL_CHANGING = ("n_kv_heads",)
+"""Options that change the model itself: the layout's reference is built with them."""
 
 
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).

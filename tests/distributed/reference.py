@@ -23,12 +23,18 @@ def make_batches(n: int, rows: int, seed: int = 1) -> torch.Tensor:
 
 
 def reference(
-    batches: torch.Tensor, steps: int, train: dict | None = None, params_at: int | None = None
+    batches: torch.Tensor,
+    steps: int,
+    train: dict | None = None,
+    params_at: int | None = None,
+    model: dict | None = None,
 ) -> dict:
     """Per-step head losses and grad norms, first-step gradients (before clipping), parameters
-    after `params_at` steps (default: all `steps`)."""
+    after `params_at` steps (default: all `steps`); `model`: changes to MODEL."""
     train = {**TRAIN, **(train or {})}
-    over = ["run_dir=/tmp/unused"] + [f"model.{k}={v}" for k, v in MODEL.items()]
+    over = ["run_dir=/tmp/unused"] + [
+        f"model.{k}={v}" for k, v in {**MODEL, **(model or {})}.items()
+    ]
     over += [f"data.{k}={v}" for k, v in DATA.items()] + [
         f"train.{k}={v}" for k, v in train.items()
     ]
