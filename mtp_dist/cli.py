@@ -30,6 +30,7 @@ _SUBCOMMANDS = {
     "checkpoint": ("mtp_dist.checkpoint.cli", "checkpoint tools"),
     "export": ("mtp_dist.checkpoint.export_cli", "write a checkpoint in another format"),
     "import": ("mtp_dist.checkpoint.import_cli", "read a model from another format"),
+    "plan": ("mtp_dist.plan_cli", "per-rank memory, step time and layouts that fit"),
 }
 
 # The errors whose message is the whole story, by module: an error can only be one of these if
