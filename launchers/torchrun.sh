@@ -17,6 +17,8 @@
 #   MASTER_PORT      rendezvous port on MASTER_ADDR [29500]
 #   RDZV_BACKEND     c10d (elastic, survives restarts) or static [c10d]
 #   RDZV_ID          job id shared by all nodes of one job [SLURM_JOB_ID, else mtp]
+#   LOCAL_ADDR       this node's address as the other nodes reach it [unset: torchrun uses
+#                    the hostname]. Set it where the hostname does not resolve to that address.
 #   MAX_RESTARTS     worker-group restarts after a failure [3]
 #   PYTHON           interpreter for torchrun and the workers [python3]
 #   TORCHRUN_ARGS    extra torchrun options, split on spaces (e.g. "--log-dir logs --tee 3")
@@ -71,6 +73,11 @@ else
                 --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
                 --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-mtp}}"
                 --rdzv-conf "is_host=$((NODE_RANK == 0 ? 1 : 0))")
+            # The rendezvous publishes each node's address; the workers of rank 0's node host
+            # the process group's store there. Without --local-addr it is the hostname.
+            if [[ -n ${LOCAL_ADDR:-} ]]; then
+                args+=(--local-addr "$LOCAL_ADDR")
+            fi
             ;;
         static)
             args+=(--nnodes "$NNODES" --node-rank "$NODE_RANK"

@@ -174,6 +174,10 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (0 = plain data parallel)."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on GPU, gloo on CPU), 'gloo' or 'nccl'."""
+    timeout_s: float = 1800.0
+    """Seconds a collective (or process-group setup) may wait for a peer before it raises;
+    every process group gets it. A dead link or host then fails the job after this long
+    instead of hanging (the torch default is 1800). Too small fails slow but healthy steps."""
 
 
 @dataclass(kw_only=True)
@@ -241,6 +245,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in ("tensor", "pipeline", "head"):
         need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    need(p.timeout_s > 0, "parallel.timeout_s", "must be > 0")
     if p.sequence_parallel:
         sp = "parallel.sequence_parallel"
         need(p.tensor > 1, sp, "needs parallel.tensor > 1")

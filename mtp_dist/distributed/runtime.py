@@ -39,7 +39,7 @@ def resolve_backend(name: str) -> str:
 class DistributedRuntime(Runtime):
     """One rank of a multi-process job laid out by `Topology`."""
 
-    def __init__(self, cfg: RunConfig, env: LaunchEnv, timeout_s: float = 1800.0) -> None:
+    def __init__(self, cfg: RunConfig, env: LaunchEnv) -> None:
         backend = resolve_backend(cfg.parallel.backend)
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
@@ -57,12 +57,13 @@ class DistributedRuntime(Runtime):
                 init_method=f"tcp://{env.master_addr}:{env.master_port}",
                 rank=env.rank,
                 world_size=env.world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
+                timeout=self._timeout(cfg),
             )
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
         build_groups(self.topology)
+        _set_timeout(self._timeout(cfg))
         self.rank = env.rank
         coord = self.topology.coord(env.rank)
         self.is_main = env.rank == 0
@@ -71,7 +72,13 @@ class DistributedRuntime(Runtime):
     def build_engine(self, cfg: RunConfig, initial=None):
         from .engine import DeepSpeedTrainEngine
 
-        return DeepSpeedTrainEngine(cfg, self.topology, self.rank, self.device, initial)
+        engine = DeepSpeedTrainEngine(cfg, self.topology, self.rank, self.device, initial)
+        _set_timeout(self._timeout(cfg))  # DeepSpeed may have made groups of its own
+        return engine
+
+    @staticmethod
+    def _timeout(cfg: RunConfig) -> datetime.timedelta:
+        return datetime.timedelta(seconds=cfg.parallel.timeout_s)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum over every rank of the job."""
@@ -99,6 +106,15 @@ class DistributedRuntime(Runtime):
 
     def _comm_device(self) -> torch.device:
         return self.device
+
+
+def _set_timeout(timeout: datetime.timedelta) -> None:
+    """Give every process group made so far this collective timeout. Megatron's and DeepSpeed's
+    groups are created with their own defaults (30 minutes), not the world group's timeout, so
+    a dead peer would otherwise hang the data-parallel all-reduce for half an hour."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if not dist.distributed_c10d._rank_not_in_group(group):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def make_runtime(cfg: RunConfig, env: LaunchEnv) -> DistributedRuntime:
