@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"FLOPs/token {plan.flops_per_token:.3e} "
         f"(with recompute {plan.hardware_flops_per_token:.3e}); "
-        f"step {plan.step_seconds:.2f} s at MFU {args.mfu:g} x {args.tflops:g} TFLOP/s; "
-        f"{plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.days_to_budget:.1f} days to "
+        f"step {plan.step_seconds:.3g} s at MFU {args.mfu:g} x {args.tflops:g} TFLOP/s; "
+        f"{plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.days_to_budget:.3g} days to "
         f"{args.tokens:.3g} tokens"
     )
     fitting = sorted((c for c in plan.candidates if c.fits), key=lambda c: c.peak_bytes)
