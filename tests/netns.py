@@ -205,14 +205,16 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 
 
 def workers(agent: subprocess.Popen) -> set[int]:
-    """PIDs of the torchrun agent's workers (its children carrying RANK)."""
+    """PIDs of the torchrun agent's workers (its `mtp_dist.cli` children carrying RANK)."""
     import psutil
 
     found = set()
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(agent.pid).children():
             with contextlib.suppress(psutil.Error):
-                if "RANK" in child.environ():
+                # Only the trainer processes: a short-lived helper the agent starts also
+                # inherits its environment, and counting it made its exit look like a death.
+                if "RANK" in child.environ() and "mtp_dist.cli" in child.cmdline():
                     found.add(child.pid)
     return found
 
