@@ -19,8 +19,9 @@ engines apply it). Same trunk + heads layer count in all (n = 4 is parameter-mat
 
 Step-time ratios come from one more process that runs the compared variants' steps interleaved
 (forward + backward, no optimizer step: it is the same in every variant), `--timing-rounds`
-rounds after one warm-up round, median per variant, so that load from other processes hits all
-of them alike.
+rounds after one warm-up round, median per variant. On the CPU the ratios are of the process's
+CPU time (`time.process_time`, both threads), which other processes' load does not inflate the
+way it inflates wall time on a shared machine; on a GPU, of synchronised wall time.
 
 Prints a table, then one JSON object (last line) with the peaks and the ratios (of step_mb).
 
@@ -122,22 +123,26 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def timing(args: argparse.Namespace, names: list[str]) -> dict:
-    """Median forward + backward seconds per variant, the variants' steps interleaved."""
+    """Median forward + backward seconds per variant, the variants' steps interleaved: wall
+    time ("wall") and this process's CPU time ("cpu", both threads)."""
     import torch
 
     torch.set_num_threads(2)
     built = {name: build(args, name) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.timing_rounds + 1):  # round 0 warms up (first calls are slow)
         for name, (model, inputs, labels) in built.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model(inputs, labels).loss.backward()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             if round_ > 0:
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
             model.zero_grad(set_to_none=True)  # one model's gradients in memory at a time
-    return {name: round(statistics.median(t), 3) for name, t in times.items()}
+    median = lambda runs: {name: round(statistics.median(t), 3) for name, t in runs.items()}
+    return {"wall": median(wall), "cpu": median(cpu)}
 
 
 def run_child(role: str) -> dict:
@@ -169,8 +174,10 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
     results = {name: run_child(name) for name in variants(modes)}
-    times = run_child("timing") if args.timing_rounds > 0 else {}
-    print(f"{'variant':<30}{'step MB':>10}{'total MB':>10}{'step s':>10}{'interleaved s':>15}")
+    timed_runs = run_child("timing") if args.timing_rounds > 0 else {"wall": {}, "cpu": {}}
+    times = timed_runs["wall" if args.device == "cuda" else "cpu"]
+    label = "wall s" if args.device == "cuda" else "CPU s"
+    print(f"{'variant':<30}{'step MB':>10}{'total MB':>10}{'step s':>10}{label:>15}")
     for name, r in results.items():
         interleaved = f"{times[name]:>15.2f}" if name in times else f"{'':>15}"
         print(f"{name:<30}{r['step_mb']:>10.0f}{r['total_mb']:>10.0f}{r['step_s']:>10.2f}"
@@ -187,14 +194,17 @@ def main() -> None:
         ),
         "ratio_total_naive_vs_n1": round(results["n4_naive"]["total_mb"] / n1["total_mb"], 3),
         "ratio_chunked_n4_vs_n1": round(chunked["step_mb"] / n1["step_mb"], 3),
-        "interleaved_step_s": times,
+        "interleaved_step_s": timed_runs["wall"],
+        "interleaved_step_cpu_s": timed_runs["cpu"],
+        "time_kind": "cuda_wall" if args.device == "cuda" else "cpu_process_time",
     }
     if times:
         summary["ratio_step_time_chunked_vs_sequential"] = round(
             times["n4_chunked"] / times["n4_sequential"], 3
         )
     # Per recompute mode and recomputed variant: step memory saved (MB, and as a fraction of
-    # that variant's step without recompute) and step time paid (interleaved, x no recompute).
+    # that variant's step without recompute) and step time paid (interleaved, x no recompute,
+    # of `time_kind`).
     summary["recompute"] = {
         mode: {
             base: {
