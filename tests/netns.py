@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBNET = "10.77.0"
@@ -137,10 +137,17 @@ def torchrun_on(
     args: list[str],
     nproc: int = 1,
     restarts: int = 0,
+    output: Path | None = None,
+    log_dir: Path | None = None,
 ) -> subprocess.Popen:
     """launchers/torchrun.sh inside `host` as node `node_rank` of `nnodes`, the c10d rendezvous
     on `master`'s address, gloo told to use the host's interface. `args`: recipe and overrides.
-    The returned process is the torchrun agent itself (`ip netns exec` and the script exec it)."""
+    The returned process is the torchrun agent itself (`ip netns exec` and the script exec it).
+
+    `output`: a file for the agent's output (stdout and stderr); without it, a pipe the caller
+    must keep reading (`wait_all`), or the workers block once it is full. `log_dir`: torchrun's
+    `--log-dir` with `--tee 3`, so every attempt's workers leave their own stdout.log and
+    stderr.log under LOG_DIR/<run id>/attempt_N/<local rank>/ (`worker_logs`)."""
     env = {
         **{k: v for k, v in os.environ.items() if k not in DROPPED},
         "NNODES": str(nnodes),
@@ -157,15 +164,29 @@ def torchrun_on(
         # every step ~50x here, so both layouts get what the one-host reference gets.
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    if log_dir is not None:
+        env["TORCHRUN_ARGS"] = f"--log-dir {log_dir} --tee 3"
     cmd = host.exec("bash", str(REPO / "launchers/torchrun.sh"), *args)
-    return subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # one process group per agent, to kill if a test fails
-    )
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(output.open("w")) if output is not None else subprocess.PIPE
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # one process group per agent, to kill if a test fails
+        )
+
+
+def worker_logs(log_dir: Path) -> dict[int, list[str]]:
+    """The workers' stdout under a torchrun `--log-dir` (`torchrun_on(log_dir=...)`): for each
+    attempt (0 = the first launch, 1 = the first restart, ...), one text per worker."""
+    found: dict[int, list[str]] = {}
+    for path in sorted(log_dir.glob("*/attempt_*/*/stdout.log")):
+        attempt = int(path.parent.parent.name.removeprefix("attempt_"))
+        found.setdefault(attempt, []).append(path.read_text(errors="replace"))
+    return found
 
 
 # The launch environment of whoever runs this (a torchrun or Slurm job) must not leak in.
@@ -237,25 +258,57 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]  # the last may be partial
 
 
+def last_logged(run_dir: Path) -> int:
+    """The last step metrics.jsonl holds (0 before the first)."""
+    logged = read_metrics(run_dir)
+    return logged[-1]["step"] if logged else 0
+
+
+def last_checkpoint(run_dir: Path) -> int | None:
+    """The step of the run's latest complete checkpoint (the one `--resume` takes), or None.
+    Read from the directory names and completion markers here, not through mtp_dist.checkpoint:
+    that imports torch, which took ~9 s on the loaded test machine, long enough for the whole
+    run to finish between "a checkpoint exists" and the cut."""
+    steps = [
+        int(m.group(1))
+        for path in (run_dir / "checkpoints").glob("step_*/complete.json")
+        if (m := re.fullmatch(r"step_(\d+)", path.parent.name))
+    ]
+    return max(steps, default=None)
+
+
+RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")
+
+
 @dataclass
 class Fault:
     """What a cut cable did to a run."""
 
     cut_at_step: int
-    """The last step rank 0 had logged when the cable was pulled."""
+    """The last step metrics.jsonl held when the cable was pulled."""
+    failed_at_step: int
+    """The last step it held when the first worker died: what the failed attempt had done."""
+    checkpoint_at_failure: int
+    """The latest complete checkpoint when the first worker died: where a resume must start."""
     detect_s: float
     """Seconds from the cut until the first worker died (its collective timed out)."""
+    down_s: float
+    """Seconds the port was down."""
+    restart_s: float | None
+    """Seconds from the cut until the restarted attempt's workers were launched."""
     resumed_step: int
     """The checkpoint step the restarted group resumed from."""
+    attempts: int
+    """Worker-group attempts torchrun made (1 = no restart)."""
     total_s: float
     """Seconds from the first launch until every agent had exited."""
-    outputs: list[str]
+    outputs: list[str] = field(repr=False)
     """Each agent's output."""
 
     @property
     def steps_lost(self) -> int:
-        """Steps done before the cut that had to be done again."""
-        return self.cut_at_step - self.resumed_step
+        """Steps done before the failure that had to be done again."""
+        return self.failed_at_step - self.resumed_step
 
 
 def cut_mid_run(
@@ -264,46 +317,109 @@ def cut_mid_run(
     run_dir: Path,
     args: list[str],
     after_step: int,
+    hold_s: float,
+    logs: Path | None = None,
     timeout: float = 600,
 ) -> Fault:
     """Run a job with one worker per host and one torchrun restart allowed; once a complete
-    checkpoint exists and `after_step` is logged, pull `victim`'s cable, plug it back in as soon
-    as a worker has died, and let torchrun restart the group and resume."""
-    from mtp_dist import checkpoint as ckpt
-
+    checkpoint exists and `after_step` is logged, pull `victim`'s cable; plug it back in once a
+    worker has died and at least `hold_s` seconds (pass `parallel.timeout_s`: the failure must
+    be the collective timeout, not a blip healed before it) have passed; let torchrun restart
+    the group and resume. Raises RuntimeError, saying what happened, unless the job failed,
+    was restarted once, resumed from a checkpoint and ended well. `logs` (default: next to
+    run_dir) gets each agent's output (agent<i>.log) and torchrun's per-attempt worker logs."""
+    logs = logs or run_dir.with_name(run_dir.name + "-logs")
+    logs.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    procs = [torchrun_on(h, nodes[0], i, len(nodes), args, restarts=1) for i, h in enumerate(nodes)]
+    deadline = start + timeout
+    procs = [
+        torchrun_on(
+            h,
+            nodes[0],
+            i,
+            len(nodes),
+            args,
+            restarts=1,
+            output=logs / f"agent{i}.log",
+            log_dir=logs / f"torchrun{i}",
+        )
+        for i, h in enumerate(nodes)
+    ]
+
+    def outputs() -> list[str]:
+        return [(logs / f"agent{i}.log").read_text(errors="replace") for i in range(len(nodes))]
+
+    def attempts() -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for i in range(len(nodes)):
+            for attempt, texts in worker_logs(logs / f"torchrun{i}").items():
+                found.setdefault(attempt, []).extend(texts)
+        return found
+
     try:
-        deadline = start + timeout
         while True:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the run ended or stalled before the cable could be cut")
-            logged = read_metrics(run_dir)
-            if logged and logged[-1]["step"] >= after_step and ckpt.latest_checkpoint(run_dir):
+            if last_logged(run_dir) >= after_step and last_checkpoint(run_dir) is not None:
                 pids = set().union(*(workers(p) for p in procs))
                 if len(pids) == len(nodes):
                     break
             time.sleep(0.02)
         victim.cut()
         cut = time.monotonic()
-        cut_at_step = read_metrics(run_dir)[-1]["step"]
+        cut_at_step = last_logged(run_dir)
         try:
             while all(alive(pid) for pid in pids):
                 if time.monotonic() > deadline:
                     raise RuntimeError("no worker died after the cut: the job hangs")
                 time.sleep(0.05)
             detect_s = time.monotonic() - cut
+            # The restarted attempt truncates metrics.jsonl to its checkpoint, but only once its
+            # workers have imported torch and loaded it: seconds from now.
+            failed_at_step = last_logged(run_dir)
+            checkpoint_at_failure = last_checkpoint(run_dir)
+            time.sleep(max(0.0, cut + hold_s - time.monotonic()))
         finally:
             victim.heal()
-        outs = wait_all(procs, deadline - time.monotonic())
+            down_s = time.monotonic() - cut
+        restart_s = None
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job did not end within {timeout} s")
+            if restart_s is None and any(
+                (logs / f"torchrun{i}").glob("*/attempt_1") for i in range(len(nodes))
+            ):
+                restart_s = time.monotonic() - cut
+            time.sleep(0.1)
     except BaseException:
         kill(procs)
         raise
+    total_s = time.monotonic() - start
+    outs = outputs()
     for proc, out in zip(procs, outs, strict=True):
         if proc.returncode != 0:
             raise RuntimeError(f"an agent exited {proc.returncode}:\n{out[-4000:]}")
+    runs = attempts()
+    if len(runs) < 2:
+        raise RuntimeError(
+            f"torchrun never restarted (cut at step {cut_at_step}, a worker gone "
+            f"{detect_s:.1f} s later at step {failed_at_step}): the job was not interrupted"
+        )
     # The restarted rendezvous may number the nodes afresh: rank 0 can be on any host now.
-    resumed = re.search(r"resumed from \S+ at step (\d+)", "".join(outs))
-    if not resumed:
-        raise RuntimeError(f"rank 0 never resumed:\n{outs[0][-4000:]}")
-    return Fault(cut_at_step, detect_s, int(resumed.group(1)), time.monotonic() - start, outs)
+    resumed = [m for text in runs[max(runs)] for m in RESUMED.finditer(text)]
+    if len(resumed) != 1:
+        raise RuntimeError(f"{len(resumed)} 'resumed from' lines in the last attempt's workers")
+    if any(RESUMED.search(text) for text in runs[0]):
+        raise RuntimeError("the first attempt resumed: run_dir was not new")
+    return Fault(
+        cut_at_step=cut_at_step,
+        failed_at_step=failed_at_step,
+        checkpoint_at_failure=checkpoint_at_failure,
+        detect_s=detect_s,
+        down_s=down_s,
+        restart_s=restart_s,
+        resumed_step=int(resumed[0].group(2)),
+        attempts=len(runs),
+        total_s=total_s,
+        outputs=outs,
+    )
