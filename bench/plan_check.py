@@ -10,10 +10,14 @@ one warm-up step (so the optimizer state exists and the first-call allocations a
 resets its peak resident set (`echo 5 > /proc/self/clear_refs` resets VmHWM), reads VmRSS,
 runs a second step and reads VmHWM. `measured_step_mb` = VmHWM - VmRSS before that step: what
 the step itself adds on top of weights and optimizer state — the activations, the heads' loss
-and the gradients the engine frees between steps. `predicted_step_mb` is the plan's
-activations + heads (+ the gradients for the DeepSpeed engines, which free them after each
-step; LocalEngine keeps them from one step to the next, so they are resident before the step).
-The worst rank is compared (max over ranks of both). `model_states_mb` is the plan's weights +
+and the gradients the engine frees between steps — plus what glibc keeps and minus pages never
+touched. A third step runs under torch's profiler: `allocated_step_mb` is the peak of live
+tensor bytes it adds (mtp_dist/training/memory.py; a GPU's max_memory_allocated), which is
+what the plan predicts and what `error_allocated` compares. `predicted_step_mb` is the plan's
+step peak (`RankMemory.step`: activations + buckets + the larger of workspace and heads, + the
+gradients for the DeepSpeed engines, which free them after each step; LocalEngine keeps them
+from one step to the next, so they exist before the step). The worst rank is compared (max
+over ranks). `model_states_mb` is the plan's weights +
 gradients + optimizer for that rank, shown, not compared (RSS cannot separate it from torch,
 Megatron and DeepSpeed's own allocations). Prints a table and one JSON object (last line).
 """
@@ -109,9 +113,13 @@ def child(args: argparse.Namespace) -> dict:
     before = _status("VmRSS")
     engine.train_step([windows[1]])
     peak = _status("VmHWM")
+    from mtp_dist.training.memory import allocated_peak
+
+    allocated = allocated_peak(lambda: engine.train_step([windows[0]]))
     if runtime is not None:
         runtime.close()
-    return {"rank": args.child, "before_mb": round(before, 1), "step_mb": round(peak - before, 1)}
+    return {"rank": args.child, "before_mb": round(before, 1), "step_mb": round(peak - before, 1),
+            "allocated_step_mb": round(allocated / 2**20, 1)}  # fmt: skip
 
 
 def predicted(args: argparse.Namespace, name: str) -> dict:
@@ -124,7 +132,7 @@ def predicted(args: argparse.Namespace, name: str) -> dict:
     if plan.error:
         raise SystemExit(f"plan_check: layout {name}: {plan.error}")
     grads = 0 if lay.local_engine else 1
-    steps = [r.activations + r.heads + grads * r.gradients for r in plan.ranks]
+    steps = [r.step + grads * r.gradients for r in plan.ranks]
     states = [r.weights + r.gradients + r.optimizer for r in plan.ranks]
     return {"predicted_step_mb": round(max(steps) / 2**20, 1),
             "model_states_mb": round(max(states) / 2**20, 1), "layout": lay.name()}
@@ -166,7 +174,8 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         if p.returncode:
             raise SystemExit(f"plan_check: layout {name} failed: {err.strip().splitlines()[-1]}")
         ranks.append(json.loads(out.strip().splitlines()[-1]))
-    return {"measured_step_mb": max(r["step_mb"] for r in ranks), "ranks": ranks}
+    return {"measured_step_mb": max(r["step_mb"] for r in ranks),
+            "allocated_step_mb": max(r["allocated_step_mb"] for r in ranks), "ranks": ranks}
 
 
 def main() -> None:
@@ -189,15 +198,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"plan_check: unknown layout {unknown[0]!r} (known: {', '.join(LAYOUTS)})")
     rows = {}
-    print(
-        f"{'layout':<16}{'plan layout':<30}{'states MB':>10}{'pred MB':>9}{'meas MB':>9}{'err':>8}"
-    )
+    print(f"{'layout':<16}{'plan layout':<30}{'states MB':>10}{'pred MB':>9}{'alloc MB':>9}"
+          f"{'err':>8}{'RSS MB':>9}{'err':>8}")  # fmt: skip
     for name in names:
         row = {**predicted(args, name), **measure(args, name)}
         row["error"] = round(row["predicted_step_mb"] / row["measured_step_mb"] - 1, 3)
+        row["error_allocated"] = round(row["predicted_step_mb"] / row["allocated_step_mb"] - 1, 3)
         rows[name] = row
         print(f"{name:<16}{row['layout']:<30}{row['model_states_mb']:>10.1f}"
-              f"{row['predicted_step_mb']:>9.1f}{row['measured_step_mb']:>9.1f}"
+              f"{row['predicted_step_mb']:>9.1f}{row['allocated_step_mb']:>9.1f}"
+              f"{row['error_allocated']:>+8.1%}{row['measured_step_mb']:>9.1f}"
               f"{row['error']:>+8.1%}", flush=True)
     config_ = {k: v for k, v in vars(args).items() if k not in ("layout", "child", "port")}
     print(json.dumps({"config": config_, "layouts": rows}))

@@ -276,19 +276,40 @@ def heads_elements(cfg: RunConfig, lay: Layout, heads_here: int) -> dict[str, fl
     """Peak elements per token the head loss adds on the last stage, by loss implementation.
 
     Per head: its layer's activations (never recomputed), and for the cross-entropy over the
-    rank's V/t vocabulary the logits, the log-probabilities cross-entropy saves, and in
-    backward their two gradients: 4·V/t per token while one head's loss is differentiated.
-    sequential: one head at a time (+ h and its gradient buffer, 2d); naive: every head's
-    layer, logits and log-probabilities alive until backward (2·V/t each), plus the two
-    gradients of the head being differentiated; chunked: the sequential count with the 4·V/t
-    term over `loss_chunk` tokens instead of the micro-batch (returned separately, as
-    `chunk_logits`, since it does not scale with the micro-batch)."""
+    rank's V/t vocabulary the log-probabilities it saves (the logits are freed once
+    log-softmax has run: the unembedding's backward does not need its output) and, in
+    backward, the gradients of the log-probabilities and of the logits: 3·V/t per token while
+    one head's loss is differentiated (measured: 3.06, torch's allocation events, bench/
+    plan_check.py). sequential: one head at a time (+ h and its gradient buffer, 2d); naive:
+    every head's layer and log-probabilities alive until backward (V/t each), plus the two
+    gradients of the head being differentiated (measured at n = 4: 6.0 = 4 + 2); chunked: the
+    sequential count with the 3·V/t term over `loss_chunk` tokens instead of the micro-batch
+    (returned separately, as `chunk_logits`, since it does not scale with the micro-batch)."""
     m, t = cfg.model, lay.tensor
     v = vocab_size(cfg) / t
     layer = layer_activation_elements(cfg, lay, "none")
     if m.loss_impl == "naive":
-        return {"layers": heads_here * layer, "logits": heads_here * 2 * v + 2 * v, "h": 0.0}
-    return {"layers": layer, "logits": 0.0 if m.loss_chunk else 4 * v, "h": 2 * m.d_model}
+        return {"layers": heads_here * layer, "logits": heads_here * v + 2 * v, "h": 0.0}
+    return {"layers": layer, "logits": 0.0 if m.loss_chunk else LOGIT_COPIES * v,
+            "h": 2 * m.d_model}  # fmt: skip
+
+
+DS_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default `reduce_bucket_size` (elements; mtp_dist.distributed.engine does not
+set it). ZeRO 1 and 2 with contiguous gradients (their default) allocate one bucket of it at
+the start of every backward (`setup_buckets`), whatever the model's size."""
+
+
+def bucket_bytes(lay: Layout, bf16: bool) -> int:
+    """DeepSpeed ZeRO 1/2's gradient-reduction bucket: fp32 for ZeRO 1 (its fp32 gradient
+    accumulator), the training precision for ZeRO 2; none for the other engines."""
+    if lay.local_engine or lay.zero_stage not in (1, 2):
+        return 0
+    return DS_REDUCE_BUCKET * (4 if lay.zero_stage == 1 or not bf16 else 2)
+
+
+LOGIT_COPIES = 3
+"""Vocabulary-sized tensors per token while one head's cross-entropy is differentiated."""
 
 
 def chunk_tokens(cfg: RunConfig) -> int:
@@ -314,8 +335,20 @@ class RankMemory:
     in_flight: int
     """Micro-batches whose activations the stage holds at once (1F1B: pipeline - stage)."""
     activations: int
+    """What the stage's trunk layers keep for backward (all micro-batches in flight)."""
+    workspace: int
+    """The trunk backward's transient: one layer's gradients (a recomputed layer: its
+    re-made activations too). Not alive with the heads' peak, which comes first."""
     heads: int
+    buckets: int
+    """DeepSpeed's gradient-reduction bucket (`bucket_bytes`), alive through the backward."""
     total: int
+    """Model states + activations + buckets + the larger of workspace and heads."""
+
+    @property
+    def step(self) -> int:
+        """Bytes the step adds at its peak on top of the model states."""
+        return self.activations + self.buckets + max(self.workspace, self.heads)
 
 
 @dataclass(kw_only=True)
@@ -350,16 +383,22 @@ def plan_layout(
         # Backward of a layer makes gradients as large as what it kept; a recomputed layer
         # first re-makes its activations, then their gradients: one or two layers' worth.
         workspace = (1 if lay.recompute == "none" else 2) * full_layer if n_layers else 0
-        acts = int(per_layer * n_layers * in_flight + workspace)
+        acts = int(per_layer * n_layers * in_flight)
         heads = 0
         if has_heads:
             h = heads_elements(cfg, lay, heads_here)
-            chunk = chunk_tokens(cfg) * 4 * vocab_size(cfg) / lay.tensor
-            heads = int((sum(h.values()) * tokens + chunk) * act_bytes)
-        total = sum(states.values()) + acts + heads
+            chunk = chunk_tokens(cfg) * LOGIT_COPIES * vocab_size(cfg) / lay.tensor
+            # + the unembedding weight's gradient for one head, made before it is accumulated
+            weight_grad = vocab_size(cfg) / lay.tensor * cfg.model.d_model
+            heads = int((sum(h.values()) * tokens + chunk + weight_grad) * act_bytes)
+        # The heads run (forward and backward) before the trunk's backward starts: their peak
+        # and the trunk backward's workspace are not alive at once.
+        buckets = bucket_bytes(lay, bf16)
+        total = sum(states.values()) + acts + buckets + max(int(workspace), heads)
         ranks.append(RankMemory(stage=stage, params=params, **states,
                                 activations_per_layer=int(per_layer), trunk_layers=n_layers,
-                                in_flight=in_flight, activations=acts, heads=heads, total=total))
+                                in_flight=in_flight, activations=acts, workspace=int(workspace),
+                                heads=heads, buckets=buckets, total=total))
     peak = max(r.total for r in ranks)
     return LayoutPlan(
         layout=lay, error=None, ranks=ranks, peak_bytes=peak, fits=peak <= memory_bytes

@@ -84,13 +84,15 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.model.n_future} heads, layout {own.layout.name()} on {args.gpus} GPUs"
     )
     print(
-        f"{'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'heads':>8} "
-        f"{'total':>8}  GB per rank (of {args.gpu_memory_gb:g})"
+        f"{'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'backward':>8} "
+        f"{'heads':>8} {'buckets':>8} {'total':>8}  GB per rank (of {args.gpu_memory_gb:g}; "
+        "total = the rest + the larger of backward and heads)"
     )
     for r in own.ranks:
         print(
             f"{r.stage:>5} {_gb(r.weights)} {_gb(r.gradients)} {_gb(r.optimizer)} "
-            f"{_gb(r.activations)} {_gb(r.heads)} {_gb(r.total)}"
+            f"{_gb(r.activations)} {_gb(r.workspace)} {_gb(r.heads)} {_gb(r.buckets)} "
+            f"{_gb(r.total)}"
         )
     print(f"fits: {'yes' if own.fits else 'NO'} (peak {own.peak_bytes / 1e9:.2f} GB)")
     print(

@@ -9,10 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtp_dist.config import load_config
 from mtp_dist.plan import (
+    DS_REDUCE_BUCKET,
+    LOGIT_COPIES,
     Layout,
+    bucket_bytes,
     flops_per_token,
     layer_activation_elements,
     megatron_layer_activation_bytes,
@@ -44,6 +48,72 @@ def test_layer_activations_hand_counted():
     assert layer_activation_elements(cfg, sp, "none") == 193 + 161 + 256
     gqa = small("model.n_kv_heads=1")  # dkv = 32
     assert layer_activation_elements(gqa, Layout(), "none") == 386 + (192 + 64 + 2) + 512
+
+
+def _saved_bytes(module, *inputs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in module(*inputs), not
+    counting parameters and the rotary tables (they live outside the step)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    outside = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    outside |= {t.untyped_storage().data_ptr() for t in inputs[1:]}
+    return sum(n for ptr, n in saved.items() if ptr not in outside)
+
+
+@pytest.mark.parametrize("kv", [0, 1])
+def test_layer_activations_equal_what_autograd_saves(kv):
+    """The plan's per-layer count against torch itself: the tensors a Block saves."""
+    from mtp_dist.model.layers import Block, LocalLayers, rotary_tables
+
+    cfg = small(f"model.n_kv_heads={kv}")
+    m, B, T = cfg.model, 4, 32
+    block = Block(m.d_model, m.n_attn_heads, m.ffn_width, m.norm_eps, LocalLayers(0.02),
+                  m.kv_heads)  # fmt: skip
+    cos, sin = rotary_tables(m.d_model // m.n_attn_heads, T, m.rope_theta)
+    x = torch.randn(B, T, m.d_model, requires_grad=True)
+    assert _saved_bytes(block, x, cos, sin) == layer_activation_elements(
+        cfg, Layout(), "none"
+    ) * B * T * 4
+
+
+def test_heads_logit_copies_measured():
+    """The sequential loss holds LOGIT_COPIES vocabulary-sized tensors per token at its peak
+    (the plan's heads term): the growth of the measured peak of live tensors when V doubles."""
+    from mtp_dist.model import MTPModel
+    from mtp_dist.training.memory import allocated_peak
+
+    torch.set_num_threads(1)
+
+    def peak(v: int) -> int:
+        cfg = small(f"model.vocab_size={v}", "model.n_layers=5", "model.n_future=4")
+        torch.manual_seed(0)
+        model = MTPModel(cfg.model)
+        ids = torch.randint(1, v, (4, 36))
+        step = lambda: model(ids[:, :32], ids[:, 1:]).loss.backward()  # noqa: E731
+        step()  # gradients exist from here on, as in training
+        return allocated_peak(step)
+
+    # 2048 more vocabulary entries: LOGIT_COPIES per token, and one more row of the
+    # unembedding weight's gradient per entry (made before it is accumulated), fp32
+    tokens, d = 4 * 32, 64
+    expected = (LOGIT_COPIES * tokens + d) * 2048 * 4
+    assert peak(4096) - peak(2048) == pytest.approx(expected, rel=0.03)
+
+
+def test_deepspeed_gradient_bucket():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    assert DS_REDUCE_BUCKET == DeepSpeedZeroConfig().reduce_bucket_size
+    assert bucket_bytes(Layout(data=2, zero_stage=1), bf16=True) == 4 * DS_REDUCE_BUCKET
+    assert bucket_bytes(Layout(data=2, zero_stage=2), bf16=True) == 2 * DS_REDUCE_BUCKET
+    assert bucket_bytes(Layout(data=2, zero_stage=3), bf16=True) == 0
+    assert bucket_bytes(Layout(), bf16=False) == 0  # one process: LocalEngine
 
 
 def test_megatron_anchor_formula():
