@@ -65,7 +65,7 @@ def config(args: argparse.Namespace, name: str, run_dir: str):
         "model.pad_id=0",
         f"data.seq_len={args.seq}",
         f"train.micro_batch_size={args.batch}",
-        "train.device=cpu",
+        f"train.device={args.device}",
         "train.precision=fp32",
         f"train.recompute={recompute}",
         *(f"parallel.{k}={v}" for k, v in parallel.items()),
@@ -115,7 +115,15 @@ def child(args: argparse.Namespace) -> dict:
     peak = _status("VmHWM")
     from mtp_dist.training.memory import allocated_peak
 
-    allocated = allocated_peak(lambda: engine.train_step([windows[0]]))
+    if args.device == "cuda":  # the allocator's own count; RSS says nothing of GPU memory
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine.train_step([windows[0]])
+        torch.cuda.synchronize()
+        allocated = torch.cuda.max_memory_allocated() - start
+    else:
+        allocated = allocated_peak(lambda: engine.train_step([windows[0]]))
     if runtime is not None:
         runtime.close()
     return {"rank": args.child, "before_mb": round(before, 1), "step_mb": round(peak - before, 1),
@@ -186,6 +194,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="cuda: one-process layouts only (one GPU), measured by the CUDA allocator",
+    )  # fmt: skip
     parser.add_argument("--layout", help=argparse.SUPPRESS)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -197,6 +209,11 @@ def main() -> None:
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         raise SystemExit(f"plan_check: unknown layout {unknown[0]!r} (known: {', '.join(LAYOUTS)})")
+    if args.device == "cuda" and any(LAYOUTS[n][0] > 1 for n in names):
+        raise SystemExit(
+            "plan_check: --device cuda measures one-process layouts only "
+            "(--layouts single,single_full)"
+        )
     rows = {}
     print(f"{'layout':<16}{'plan layout':<30}{'states MB':>10}{'pred MB':>9}{'alloc MB':>9}"
           f"{'err':>8}{'RSS MB':>9}{'err':>8}")  # fmt: skip

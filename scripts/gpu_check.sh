@@ -8,6 +8,7 @@
 #   2 memory        bench/memory.py on the GPU (allocator peaks: sequential vs naive vs n=1)
 #   3 throughput    bench/throughput.py, bf16, a model big enough to keep the GPU busy
 #   4 speculative   tiny-cpu recipe trained on the GPU, then bench/speculative.py on the GPU
+#   5 plan_check    mtp plan's step memory vs the CUDA allocator's peak (one-process layouts)
 # A step that fails or overruns its timeout is logged and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +41,4 @@ step train_tiny 180 python3 -m mtp_dist.cli train configs/tiny-cpu.yaml run_dir=
   tracking.enabled=false "${train[@]}"
 step speculative 120 python3 bench/speculative.py --checkpoint /tmp/gpu_tiny --device "$dev" \
   "${spec[@]}"
+step plan_check 120 python3 bench/plan_check.py --device "$dev" --layouts single,single_full
