@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from speculative import held_out_files, held_out_prompts
+from speculative import held_out_files, held_out_prompts, n_draft_value
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny-cpu.yaml"
@@ -248,7 +248,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="the batched case's batch size")
     p.add_argument(
         "--n-draft",
-        type=lambda v: v if v == "auto" else int(v),
+        type=n_draft_value,
         default="auto",
         help="mtp_speculative's draft heads: a number or auto (mtp generate's default)",
     )

@@ -143,6 +143,11 @@ def fused_vs_modules(fused: Decoder, modules: Decoder, prompts, args, eos: int) 
     }
 
 
+def n_draft_value(text: str) -> int | str:
+    """--n-draft: a number of draft heads, or auto (mtp generate's default)."""
+    return text if text == "auto" else int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
@@ -157,7 +162,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
     p.add_argument(
         "--n-draft",
-        type=lambda t: t if t == "auto" else int(t),
+        type=n_draft_value,
         default="auto",
         help="draft heads: a number or auto (default, as mtp generate: all, dropping the last "
         "while rarely accepted)",

@@ -279,12 +279,12 @@ def heads_elements(cfg: RunConfig, lay: Layout, heads_here: int) -> dict[str, fl
     rank's V/t vocabulary the log-probabilities it saves (the logits are freed once
     log-softmax has run: the unembedding's backward does not need its output) and, in
     backward, the gradients of the log-probabilities and of the logits: 3·V/t per token while
-    one head's loss is differentiated (measured: 3.06, torch's allocation events, bench/
-    plan_check.py). sequential: one head at a time (+ h and its gradient buffer, 2d); naive:
+    one head's loss is differentiated (measured: 3.06, torch's allocation events,
+    tests/test_plan.py). sequential: one head at a time (+ h and its gradient buffer, 2d); naive:
     every head's layer and log-probabilities alive until backward (V/t each), plus the two
     gradients of the head being differentiated (measured at n = 4: 6.0 = 4 + 2); chunked: the
-    sequential count with the 3·V/t term over `loss_chunk` tokens instead of the micro-batch
-    (returned separately, as `chunk_logits`, since it does not scale with the micro-batch)."""
+    sequential count without the 3·V/t term, which the caller adds over `chunk_tokens`
+    tokens instead of the micro-batch (it does not scale with the micro-batch)."""
     m, t = cfg.model, lay.tensor
     v = vocab_size(cfg) / t
     layer = layer_activation_elements(cfg, lay, "none")
@@ -343,7 +343,7 @@ class RankMemory:
     buckets: int
     """DeepSpeed's gradient-reduction bucket (`bucket_bytes`), alive through the backward."""
     total: int
-    """Model states + activations + buckets + the larger of workspace and heads."""
+    """Model states + `step` (set by plan_layout from the fields above)."""
 
     @property
     def step(self) -> int:
@@ -393,12 +393,12 @@ def plan_layout(
             heads = int((sum(h.values()) * tokens + chunk + weight_grad) * act_bytes)
         # The heads run (forward and backward) before the trunk's backward starts: their peak
         # and the trunk backward's workspace are not alive at once.
-        buckets = bucket_bytes(lay, bf16)
-        total = sum(states.values()) + acts + buckets + max(int(workspace), heads)
-        ranks.append(RankMemory(stage=stage, params=params, **states,
-                                activations_per_layer=int(per_layer), trunk_layers=n_layers,
-                                in_flight=in_flight, activations=acts, workspace=int(workspace),
-                                heads=heads, buckets=buckets, total=total))
+        rank = RankMemory(stage=stage, params=params, **states,
+                          activations_per_layer=int(per_layer), trunk_layers=n_layers,
+                          in_flight=in_flight, activations=acts, workspace=int(workspace),
+                          heads=heads, buckets=bucket_bytes(lay, bf16), total=0)  # fmt: skip
+        rank.total = sum(states.values()) + rank.step
+        ranks.append(rank)
     peak = max(r.total for r in ranks)
     return LayoutPlan(
         layout=lay, error=None, ranks=ranks, peak_bytes=peak, fits=peak <= memory_bytes

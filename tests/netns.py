@@ -266,15 +266,13 @@ def last_logged(run_dir: Path) -> int:
 
 def last_checkpoint(run_dir: Path) -> int | None:
     """The step of the run's latest complete checkpoint (the one `--resume` takes), or None.
-    Read from the directory names and completion markers here, not through mtp_dist.checkpoint:
-    that imports torch, which took ~9 s on the loaded test machine, long enough for the whole
-    run to finish between "a checkpoint exists" and the cut."""
-    steps = [
-        int(m.group(1))
-        for path in (run_dir / "checkpoints").glob("step_*/complete.json")
-        if (m := re.fullmatch(r"step_(\d+)", path.parent.name))
-    ]
-    return max(steps, default=None)
+    From mtp_dist.checkpoint.layout, which imports no torch: torch's import took ~9 s on the
+    loaded test machine, long enough for the whole run to finish between "a checkpoint
+    exists" and the cut."""
+    from mtp_dist.checkpoint.layout import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    return int(found[-1].name.removeprefix("step_")) if found else None
 
 
 RESUMED = re.compile(r"resumed from (\S+) at step (\d+)")

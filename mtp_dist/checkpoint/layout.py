@@ -23,8 +23,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..config import RunConfig, to_yaml
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -81,12 +79,16 @@ def publish(tmp: Path, step: int, keep_last: int, meta: dict) -> Path:
 def write_common(tmp: Path, cfg: RunConfig, tokenizer, trainer_state: dict) -> None:
     """Everything besides the engine's own files."""
     (tmp / "config.yaml").write_text(to_yaml(cfg))
+    import torch  # here, not at the top: finding checkpoints needs no torch (tests/netns.py)
+
     tokenizer.save(tmp / "tokenizer")
     torch.save(trainer_state, tmp / "trainer.pt")
 
 
 def load_file(path: Path, **kwargs):
     """`torch.load`, but a truncated or corrupt file fails with an error naming it."""
+    import torch
+
     try:
         return torch.load(path, **kwargs)
     except FileNotFoundError as err:
