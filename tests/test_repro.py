@@ -173,3 +173,28 @@ def test_other_studies_smoke_run(name, tmp_path):
             (tmp_path / "runs" / f"{study.variants[0].label}-seed0" / "result.json").read_text()
         )
         assert [s for s, _ in result["curve"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_parallel_jobs_give_the_single_process_results(tmp_path):
+    """Runs trained two at a time in worker processes measure exactly what the same runs
+    trained one after another in this process measure (same thread count), and each run's
+    result.json is where it would be."""
+    from mtp_dist.repro.studies import induction
+    from mtp_dist.repro.study import run_study
+
+    study = induction()
+    study.variants = study.variants[:1]
+    kw = dict(seeds=2, smoke=True, mlflow=False, threads=1, say=lambda _: None)
+    run_study(study, tmp_path / "serial", jobs=1, **kw)
+    run_study(study, tmp_path / "parallel", jobs=2, **kw)
+    serial, parallel = (
+        json.loads((tmp_path / d / "summary.json").read_text()) for d in ("serial", "parallel")
+    )
+    assert parallel["jobs"] == 2 and serial["jobs"] == 1
+    for a, b in zip(serial["results"], parallel["results"], strict=True):
+        assert (a["variant"], a["seed"]) == (b["variant"], b["seed"])
+        assert a["metrics"] == b["metrics"] and a["curve"] == b["curve"]
+    assert serial["results"][0]["metrics"] != serial["results"][1]["metrics"]  # seeds differ
+    assert (
+        tmp_path / "parallel" / "runs" / f"{study.variants[0].label}-seed1" / "result.json"
+    ).is_file()

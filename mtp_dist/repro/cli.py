@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 NAMES = ("n-code", "induction", "polynomials", "bytes")
+MAX_DEFAULT_JOBS = 8
+"""--jobs defaults to one run per usable core, at most this many (each run needs ~0.5-1 GB)."""
 
 
 def _positive(text: str) -> float:
@@ -18,16 +20,19 @@ def _positive(text: str) -> float:
 
 def cmd_repro(args: argparse.Namespace) -> int:
     from .studies import STUDIES
-    from .study import run_study
+    from .study import run_study, usable_cores
 
     if args.seeds < 1:
         raise SystemExit(f"mtp repro: --seeds must be >= 1, got {args.seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"mtp repro: --jobs must be >= 1, got {args.jobs}")
+    jobs = args.jobs or min(usable_cores(), MAX_DEFAULT_JOBS)
     study = STUDIES[args.name]()
     out = Path(args.out or f"runs/repro/{args.name}{'-smoke' if args.smoke else ''}")
     docs = None if (args.smoke or args.no_docs) else Path(args.docs)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     summary = run_study(study, out, seeds=args.seeds, scale=args.scale, smoke=args.smoke,
-                        mlflow=not args.no_mlflow, docs=docs, say=say)  # fmt: skip
+                        mlflow=not args.no_mlflow, docs=docs, jobs=jobs, say=say)  # fmt: skip
     sys.stdout.write((out / "report.md").read_text())
     for v in summary["verdicts"]:
         say(f"{v['claim']}: {v['verdict']}")
@@ -40,6 +45,12 @@ def register(subparsers) -> None:
     p.add_argument("name", choices=NAMES, help="the study")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     p.add_argument("--scale", type=_positive, default=1.0, help="x training steps and corpus")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs trained at a time, sharing the cores "
+        f"(default: one per usable core, at most {MAX_DEFAULT_JOBS})",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny run of every variant (~1 min)")
     p.add_argument("--out", help="output directory (default runs/repro/NAME)")
     p.add_argument("--docs", default="docs/reproductions.md", help="report section to update")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: 
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    started = time.monotonic()
     every = max(1, steps // study.curve_points) if study.curve else steps
     overrides = [
         *study.base,
@@ -111,6 +113,7 @@ def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: 
         "steps": steps,
         "metrics": {**metrics, **{f"val_loss_head{i + 1}": x for i, x in enumerate(val)}},
         "curve": curve,
+        "seconds": time.monotonic() - started,  # training and measuring, this call only
     }
     _atomic_json(done, result)
     return result
@@ -153,11 +156,14 @@ def summarise(study: Study, results: list[dict]) -> dict:
     return {"table": table, "verdicts": verdicts}
 
 
-def report_markdown(study: Study, summary: dict, seeds: int, scale: float, results) -> str:
+def report_markdown(study: Study, summary: dict, seeds: int, scale: float, results,
+                    timing: str = "") -> str:  # fmt: skip
     fmt = lambda s: f"{s['mean']:.3f} ± {s['spread']:.3f}"  # noqa: E731
     lines = [f"## {study.title} (`mtp repro {study.name}`)", "", f"**Paper.** {study.paper}", ""]
     lines.append(f"Seeds per variant: {seeds}; scale {scale}; steps {results[0]['steps']}. "
                  "Cells: mean ± spread (largest distance of a seed from the mean).")  # fmt: skip
+    if timing:
+        lines[-1] += f" {timing}"
     lines += ["", "| variant | " + " | ".join(study.metrics) + " |",
               "|---|" + "---:|" * len(study.metrics)]  # fmt: skip
     for v in study.variants:
@@ -243,23 +249,95 @@ def log_mlflow(study: Study, out: Path, results: list[dict], summary: dict) -> s
         return parent.info.run_id
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _train_all(study: Study, out: Path, corpus: list[str], steps: int, seeds: int, smoke: bool,
+               jobs: int, threads: int, say: Callable[[str], None]) -> list[dict]:  # fmt: skip
+    """Every (variant, seed), `jobs` at a time in worker processes (1: in this process), each
+    with `threads` torch threads.
+
+    Each run is seeded alone, so neither the order nor the number of jobs changes a result
+    (tests/test_repro.py); the thread count may, in the last bits of a float reduction."""
+    todo = [(v, seed) for v in study.variants for seed in range(seeds)]
+    run_dir = lambda v, seed: out / "runs" / f"{v.label}-seed{seed}"  # noqa: E731
+    if jobs == 1:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results = []
+            for k, (v, seed) in enumerate(todo):
+                say(f"[{k + 1}/{len(todo)}] {study.name}: {v.label}, seed {seed}")
+                results.append(train_one(study, v, seed, run_dir(v, seed), corpus, steps, smoke))
+            return results
+        finally:
+            torch.set_num_threads(before)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        futures = {
+            pool.submit(train_one, study, v, seed, run_dir(v, seed), corpus, steps, smoke): k
+            for k, (v, seed) in enumerate(todo)
+        }
+        say(f"{study.name}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+        results: list[dict | None] = [None] * len(todo)
+        for done, future in enumerate(as_completed(futures), 1):
+            try:
+                r = future.result()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # runs under way resume later
+                raise
+            results[futures[future]] = r
+            took = r.get("seconds")
+            took = f" in {took / 60:.1f} min" if took else ""
+            say(f"[{done}/{len(todo)}] {study.name}: {r['variant']}, seed {r['seed']} done{took}")
+    return results
+
+
+def _timing(results: list[dict], wall: float, jobs: int, threads: int) -> str:
+    took = [r["seconds"] for r in results if r.get("seconds")]
+    per_run = f"; per run {min(took) / 60:.1f}–{max(took) / 60:.1f} min" if took else ""
+    return (
+        f"Time: {wall / 60:.0f} min wall for this invocation ({jobs} job(s) x {threads} "
+        f"thread(s), {usable_cores()} cores{per_run}; runs already done are not retrained)."
+    )
+
+
 def run_study(study: Study, out: Path, *, seeds: int = 3, scale: float = 1.0,
               smoke: bool = False, mlflow: bool = True, docs: Path | None = None,
+              jobs: int = 1, threads: int | None = None,
               say: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Train, measure, summarise and judge a study; `jobs` runs at a time, each with `threads`
+    torch threads (default: the usable cores shared out among the jobs)."""
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    threads = threads or max(1, usable_cores() // jobs)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     steps = max(4, round(study.steps * scale)) if not smoke else 6
     corpus = study.corpus(out / "corpus", scale, smoke)
-    results = []
-    total = len(study.variants) * seeds
-    for v in study.variants:
-        for seed in range(seeds):
-            say(f"[{len(results) + 1}/{total}] {study.name}: {v.label}, seed {seed}")
-            run_dir = out / "runs" / f"{v.label}-seed{seed}"
-            results.append(train_one(study, v, seed, run_dir, corpus, steps, smoke))
+    results = _train_all(study, out, corpus, steps, seeds, smoke, jobs, threads, say)
     summary = summarise(study, results)
+    wall = time.monotonic() - started
     _atomic_json(out / "summary.json", {"study": study.name, "seeds": seeds, "scale": scale,
-                                        "smoke": smoke, **summary, "results": results})  # fmt: skip
-    markdown = report_markdown(study, summary, seeds, scale, results)
+                                        "smoke": smoke, "jobs": jobs, "threads": threads,
+                                        "wall_seconds": wall,
+                                        **summary, "results": results})  # fmt: skip
+    markdown = report_markdown(
+        study, summary, seeds, scale, results, _timing(results, wall, jobs, threads)
+    )
     (out / "report.md").write_text(markdown)
     plot(study, summary, results, out / "plot.png")
     if docs is not None:
