@@ -283,3 +283,12 @@ def test_unusable_tokenizer_is_one_line(capsys, toy, tmp_path):
     code, err = mtp(capsys, "generate", "--checkpoint", str(run), "--prompt", "x")
     assert code == 2
     one_line(err, "mtp generate: ", "unknown tokenizer kind 'wordpiece'")
+
+
+@pytest.mark.parametrize("flag, value", [("--jobs", "0"), ("--jobs", "two"), ("--seeds", "-1")])
+def test_repro_counts_must_be_whole_and_positive(capsys, tmp_path, flag, value):
+    out = tmp_path / "study"
+    code, err = mtp(capsys, "repro", "induction", flag, value, "--out", str(out), "--no-docs")
+    assert code == 2
+    one_line(err, flag, value)
+    assert not out.exists()

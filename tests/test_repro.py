@@ -198,3 +198,36 @@ def test_parallel_jobs_give_the_single_process_results(tmp_path):
     assert (
         tmp_path / "parallel" / "runs" / f"{study.variants[0].label}-seed1" / "result.json"
     ).is_file()
+
+
+def test_a_run_stopped_by_a_signal_is_not_measured_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM / SIGUSR1 make the trainer checkpoint and return early; such a run must not be
+    measured as if it had finished (no result.json), and the next call trains it to the end,
+    measuring exactly what an unbroken run measures."""
+    from mtp_dist.repro.studies import induction
+    from mtp_dist.repro.study import run_study
+    from mtp_dist.training import Trainer
+    from mtp_dist.training.trainer import TrainingAborted
+
+    study = induction()
+    study.variants = study.variants[:1]
+    kw = dict(seeds=1, smoke=True, mlflow=False, threads=1, say=lambda _: None)
+    run_study(study, tmp_path / "unbroken", **kw)
+    fit = Trainer.fit
+
+    def signalled_fit(self):  # as if SIGTERM arrived during the first step
+        self._stop_requested = True
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", signalled_fit)
+    with pytest.raises(TrainingAborted, match="stopped at step 1 of 6"):
+        run_study(study, tmp_path / "broken", **kw)
+    run = tmp_path / "broken" / "runs" / f"{study.variants[0].label}-seed0"
+    assert not (run / "result.json").exists() and (run / "checkpoints").is_dir()
+    monkeypatch.setattr(Trainer, "fit", fit)
+    run_study(study, tmp_path / "broken", **kw)
+    unbroken, resumed = (
+        json.loads((tmp_path / d / "summary.json").read_text())["results"][0]
+        for d in ("unbroken", "broken")
+    )
+    assert resumed["metrics"] == unbroken["metrics"] and resumed["curve"] == unbroken["curve"]

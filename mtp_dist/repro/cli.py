@@ -18,15 +18,18 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def cmd_repro(args: argparse.Namespace) -> int:
     from .studies import STUDIES
     from .study import run_study, usable_cores
 
-    if args.seeds < 1:
-        raise SystemExit(f"mtp repro: --seeds must be >= 1, got {args.seeds}")
-    if args.jobs is not None and args.jobs < 1:
-        raise SystemExit(f"mtp repro: --jobs must be >= 1, got {args.jobs}")
-    jobs = args.jobs or min(usable_cores(), MAX_DEFAULT_JOBS)
+    jobs = min(usable_cores(), MAX_DEFAULT_JOBS) if args.jobs is None else args.jobs
     study = STUDIES[args.name]()
     out = Path(args.out or f"runs/repro/{args.name}{'-smoke' if args.smoke else ''}")
     docs = None if (args.smoke or args.no_docs) else Path(args.docs)
@@ -43,11 +46,11 @@ def cmd_repro(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("repro", help="reproduce one of the paper's small-scale findings")
     p.add_argument("name", choices=NAMES, help="the study")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    p.add_argument("--seeds", type=_count, default=3, help="seeds per variant (default 3)")
     p.add_argument("--scale", type=_positive, default=1.0, help="x training steps and corpus")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=_count,
         help="runs trained at a time, sharing the cores "
         f"(default: one per usable core, at most {MAX_DEFAULT_JOBS})",
     )

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +78,7 @@ def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: 
     """Train one (variant, seed) and measure it; the result is kept in run_dir/result.json."""
     from ..config import load_config
     from ..training import Trainer
+    from ..training.trainer import TrainingAborted
 
     done = run_dir / "result.json"
     if done.is_file():
@@ -99,6 +102,11 @@ def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: 
     # resume=True: an interrupted study continues each run from its last complete checkpoint
     trainer = Trainer(load_config(study.recipe, overrides), resume=True)
     trainer.fit()
+    if trainer.step < steps:  # SIGTERM / SIGUSR1: the trainer checkpointed and returned early
+        raise TrainingAborted(
+            f"{variant.label}, seed {seed} stopped at step {trainer.step} of {steps} "
+            "(checkpointed); run the same command again to resume"
+        )
     metrics = study.measure(run_dir, smoke)
     curve = []
     if study.curve:
@@ -249,10 +257,31 @@ def log_mlflow(study: Study, out: Path, results: list[dict], summary: dict) -> s
         return parent.info.run_id
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        # A worker outlives a killed parent unless told otherwise: have the kernel send it
+        # SIGTERM when the parent dies (the trainer checkpoints and stops on SIGTERM).
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _train_in_worker(parent: int, *args) -> dict:
+    """train_one in a worker, unless the parent is gone: tasks already queued to a worker are
+    not started, and a worker does not linger, once nobody waits for their results."""
+    if os.getppid() != parent:
+        os._exit(1)
+    try:
+        return train_one(*args)
+    finally:
+        if os.getppid() != parent:  # else the worker would wait for a next task forever
+            os._exit(1)
 
 
 def usable_cores() -> int:
@@ -285,10 +314,13 @@ def _train_all(study: Study, out: Path, corpus: list[str], steps: int, seeds: in
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    parent = os.getpid()
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init,
-                             initargs=(threads,)) as pool:  # fmt: skip
+                             initargs=(threads, parent)) as pool:  # fmt: skip
         futures = {
-            pool.submit(train_one, study, v, seed, run_dir(v, seed), corpus, steps, smoke): k
+            pool.submit(
+                _train_in_worker, parent, study, v, seed, run_dir(v, seed), corpus, steps, smoke
+            ): k  # fmt: skip
             for k, (v, seed) in enumerate(todo)
         }
         say(f"{study.name}: {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
