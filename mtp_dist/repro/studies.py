@@ -175,8 +175,10 @@ def _induction_measure(path: Path, smoke: bool) -> dict[str, float]:
 
 
 def induction() -> Study:
-    sizes = {"d64": ("model.d_model=64", "model.n_attn_heads=2"),
-             "d128": ("model.d_model=128", "model.n_attn_heads=2")}  # fmt: skip
+    # d 32 and d 64: at 600 steps no size formed induction (session 5); at 3000 steps a d 64
+    # n = 1 model did (accuracy 0.03 -> 0.94 between steps 1000 and 2000) and a d 32 did not
+    sizes = {"d32": ("model.d_model=32", "model.n_attn_heads=2"),
+             "d64": ("model.d_model=64", "model.n_attn_heads=2")}  # fmt: skip
     variants = [
         Variant(f"n{n}-{size}", (*over, f"model.n_future={n}"))
         for size, over in sizes.items()
@@ -189,31 +191,38 @@ def induction() -> Study:
             "Sec. 4.1 / App. J: on children's stories with names replaced by random two-token "
             "names, 2-token prediction makes induction (accuracy on the second token of a name "
             "already mentioned) form much better in small models (1M-30M non-embedding "
-            "parameters); the advantage vanishes as models grow (100M and up)."
+            "parameters); the advantage vanishes as models grow (100M and up), and, App. J, "
+            "also when the training data itself forces induction early."
         ),
         recipe="tiny-cpu",
         base=(
             "data.tokenizer=bytes",
             "model.n_layers=4",
+            # the second head is added on the same 3-layer trunk, so both variants predict the
+            # next token through the same depth and differ only in the training loss
+            "model.parameter_matched=false",
             "model.max_seq_len=512",
             "data.seq_len=256",
             "train.lr=2e-3",
         ),  # fmt: skip
         variants=variants,
-        steps=600,
+        steps=3000,
         corpus=_story_corpus,
         measure=_induction_measure,
         claims=[
+            Claim("n2-d32", "n1-d32", "induction_acc"),
             Claim("n2-d64", "n1-d64", "induction_acc"),
-            Claim("n2-d128", "n1-d128", "induction_acc"),
         ],  # fmt: skip
         metrics=["induction_acc", "first_mention_acc", "val_loss_head1"],
         curve="induction_acc",
+        curve_points=6,
         smoke_overrides=("data.seq_len=64", "train.micro_batch_size=2"),
         notes=(
-            "Sizes are far below the paper's (d 64 / d 128, 4 layers: ~0.2M / 0.8M non-embedding "
-            "parameters); the paper expects the n = 2 advantage at the small end and none at "
-            "the large end, so the second claim is expected not to hold."
+            "Sizes are at the bottom of the paper's range and below it (d 32 / d 64, a 3-layer "
+            "trunk and one layer per head: ~0.05M / 0.16M non-embedding parameters in the "
+            "trunk), where the paper finds the n = 2 advantage largest. Unlike the paper's "
+            "training stories, every story here has random two-token names, so the data "
+            "itself rewards induction (the App. J setting)."
         ),
     )
 
