@@ -19,8 +19,11 @@ def _positive(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else None
-    if value is None or value < 1:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value
 

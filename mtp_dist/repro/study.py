@@ -273,10 +273,8 @@ def _worker_init(threads: int, parent: int) -> None:
 
 
 def _train_in_worker(parent: int, *args) -> dict:
-    """train_one in a worker, unless the parent is gone: tasks already queued to a worker are
-    not started, and a worker does not linger, once nobody waits for their results."""
-    if os.getppid() != parent:
-        os._exit(1)
+    """train_one in a worker that exits after it if the parent is gone, rather than take a task
+    already queued to it. (An idle worker needs no check: SIGTERM, unhandled, ends it.)"""
     try:
         return train_one(*args)
     finally:
