@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
+class RopeScalingConfig:
+    type: str = "none"
+    """'none', or 'llama3' (Llama 3.1+: long wavelengths divided by `factor`, short ones kept,
+    a smooth ramp between; transformers' `_compute_llama3_parameters`)."""
+    factor: float = 8.0
+    """llama3: how much the low-frequency wavelengths are stretched."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths longer than original_max_position_embeddings / this are scaled."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths shorter than original_max_position_embeddings / this are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3: the context the model was pretrained at before the extension."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     vocab_size: int = 0
     """Vocabulary size; 0 means 'take it from the tokenizer' (the usual case)."""
@@ -47,6 +62,16 @@ class ModelConfig:
     """Longest sequence the rotary tables cover (training context and generation limit)."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """Rotary frequency scaling of an imported model (Llama 3.1+); 'none' for our own."""
+    head_dim: int = 0
+    """Width of one attention head; 0 = d_model / n_attn_heads. An explicit value (a Hugging
+    Face config's `head_dim`) may differ from that: q/k/v are n_heads * head_dim wide."""
+    attn_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2); o and the MLP have none."""
+    tie_embeddings: bool = False
+    """The unembedding is the input embedding's matrix (Llama-3.2-1B, SmolLM2): one tensor,
+    `embed.weight`, trained by both uses. Not with parallel.pipeline > 1 or parallel.head > 1."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -60,6 +85,10 @@ class ModelConfig:
     and cross-entropy run on about this many tokens at a time (whole sequence positions of
     the micro-batch, at least one), forward and backward, so a head's logits never exist
     whole. Same loss and gradients; docs/sequential_heads.md."""
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_attn_heads
 
     @property
     def kv_heads(self) -> int:
@@ -139,6 +168,12 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     max_bad_steps: int = 5
     """Consecutive NaN/inf-loss steps tolerated (skipped) before aborting."""
+    freeze: str = "none"
+    """Parameters that do not train (no gradient, no optimizer state, no ZeRO partition):
+    'none'; 'trunk' (the embedding and the trunk layers: heads, final norm and unembedding
+    train); 'trunk_and_head1' (everything of the next-token model: only heads 2..n train, and
+    the next-token model stays bit-identical). A tied unembedding is the embedding, so under
+    'trunk' it is frozen with it."""
     recompute: str = "none"
     """Activation recompute of the trunk layers (the same gradients for less memory and more
     time): 'none'; 'selective' (each trunk layer's MLP, the largest activations of a layer,
@@ -197,6 +232,8 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "train.recompute": ("none", "selective", "full"),
+    "train.freeze": ("none", "trunk", "trunk_and_head1"),
+    "model.rope_scaling.type": ("none", "llama3"),
     "parallel.backend": ("auto", "gloo", "nccl"),
 }
 
@@ -220,8 +257,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.n_future >= 1, "model.n_future", "must be >= 1")
     need(m.d_model >= 1, "model.d_model", "must be >= 1")
     need(m.n_attn_heads >= 1, "model.n_attn_heads", "must be >= 1")
-    need(m.d_model % m.n_attn_heads == 0, "model.d_model", "must be divisible by n_attn_heads")
-    need((m.d_model // m.n_attn_heads) % 2 == 0, "model.n_attn_heads", "head dim must be even")
+    need(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0 = d_model / n_attn_heads)")
+    if m.head_dim == 0:
+        need(m.d_model % m.n_attn_heads == 0, "model.d_model", "must be divisible by n_attn_heads")
+        need((m.d_model // m.n_attn_heads) % 2 == 0, "model.n_attn_heads", "head dim must be even")
+    else:
+        need(m.head_dim % 2 == 0, "model.head_dim", "must be even (rotary pairs)")
+    if m.rope_scaling.type == "llama3":
+        r, key = m.rope_scaling, "model.rope_scaling"
+        need(r.factor >= 1, f"{key}.factor", "must be >= 1")
+        need(
+            0 < r.low_freq_factor < r.high_freq_factor,
+            f"{key}.high_freq_factor",
+            "must exceed low_freq_factor > 0",
+        )
+        need(
+            r.original_max_position_embeddings >= 1,
+            f"{key}.original_max_position_embeddings",
+            "must be >= 1",
+        )
     need(m.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0 (0 = n_attn_heads)")
     need(
         m.n_kv_heads == 0 or m.n_attn_heads % m.n_kv_heads == 0,
@@ -241,7 +295,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
     need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(
+        not (t.freeze == "trunk_and_head1" and m.n_future == 1),
+        "train.freeze",
+        "leaves nothing to train with model.n_future=1",
+    )
     p = cfg.parallel
+    if m.tie_embeddings:
+        need(p.pipeline == 1, "model.tie_embeddings", "is not supported with parallel.pipeline > 1")
+        need(p.head == 1, "model.tie_embeddings", "is not supported with parallel.head > 1")
     for key in ("tensor", "pipeline", "head"):
         need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")

@@ -214,15 +214,21 @@ def model_state_bytes(params: int, lay: Layout, bf16: bool, largest: int) -> dic
     w, n, z = (2 if bf16 else 4), lay.data, lay.zero_stage
     if z == 0:
         extra = 4 * params if bf16 else 0
-        return {"weights": w * params, "gradients": w * params + extra,
-                "optimizer": 8 * params + extra}
+        return {
+            "weights": w * params,
+            "gradients": w * params + extra,
+            "optimizer": 8 * params + extra,
+        }
     opt = 12 * params // n
     if z == 1:
         return {"weights": w * params, "gradients": w * params + 4 * params // n, "optimizer": opt}
     if z == 2:
         return {"weights": w * params, "gradients": (w + 4) * params // n, "optimizer": opt}
-    return {"weights": w * params // n + 2 * w * largest, "gradients": 4 * params // n,
-            "optimizer": opt}
+    return {
+        "weights": w * params // n + 2 * w * largest,
+        "gradients": 4 * params // n,
+        "optimizer": opt,
+    }
 
 
 # ---------------------------------------------------------------- activations
@@ -429,8 +435,11 @@ def flops_per_token(cfg: RunConfig, counts: ParamCounts) -> dict[str, float]:
     matmul += n * (counts.unembed - d)
     attn = 12 * s * d * (m.trunk_layers + n)
     model = 6 * matmul + attn
-    rerun = {"none": 0.0, "selective": 2 * 3 * d * m.ffn_width,
-             "full": 2 * (counts.trunk_layer - 2 * d) + 4 * s * d}[cfg.train.recompute]
+    rerun = {
+        "none": 0.0,
+        "selective": 2 * 3 * d * m.ffn_width,
+        "full": 2 * (counts.trunk_layer - 2 * d) + 4 * s * d,
+    }[cfg.train.recompute]
     return {"model": float(model), "hardware": float(model + m.trunk_layers * rerun)}
 
 
@@ -465,8 +474,17 @@ def candidate_layouts(cfg: RunConfig, gpus: int) -> list[Layout]:
                     continue
                 for z in range(4):
                     for r in RECOMPUTE_MODES:
-                        out.append(Layout(tensor=t, pipeline=p, head=h, data=gpus // (model * p),
-                                          zero_stage=z, recompute=r, sequence_parallel=t > 1))
+                        out.append(
+                            Layout(
+                                tensor=t,
+                                pipeline=p,
+                                head=h,
+                                data=gpus // (model * p),
+                                zero_stage=z,
+                                recompute=r,
+                                sequence_parallel=t > 1,
+                            )
+                        )
     return out
 
 
@@ -484,19 +502,34 @@ def make_plan(cfg: RunConfig, hw: Hardware, tokens: float, recipe: str = "") -> 
     per_step = t.micro_batch_size * t.grad_accum_steps * lay.data * cfg.data.seq_len
     step = per_step * fl["model"] / (hw.gpus * hw.tflops * 1e12 * hw.mfu)
     per_day = per_step / step * 86400
-    return Plan(recipe=recipe, hardware=hw, tokens_budget=tokens, params_total=counts.total,
-                vocab_size=vocab_size(cfg), tokens_per_step=per_step,
-                flops_per_token=fl["model"], hardware_flops_per_token=fl["hardware"],
-                step_seconds=step, tokens_per_day=per_day, days_to_budget=tokens / per_day,
-                layout=own, candidates=[c for c in cands if c.error is None])
+    return Plan(
+        recipe=recipe,
+        hardware=hw,
+        tokens_budget=tokens,
+        params_total=counts.total,
+        vocab_size=vocab_size(cfg),
+        tokens_per_step=per_step,
+        flops_per_token=fl["model"],
+        hardware_flops_per_token=fl["hardware"],
+        step_seconds=step,
+        tokens_per_day=per_day,
+        days_to_budget=tokens / per_day,
+        layout=own,
+        candidates=[c for c in cands if c.error is None],
+    )
 
 
 def to_json(plan: Plan) -> dict:
     """The plan as plain data (keys: docs/plan.md)."""
 
     def lp(p: LayoutPlan) -> dict:
-        return {"name": p.layout.name(), **dataclasses.asdict(p.layout), "fits": p.fits,
-                "peak_bytes": p.peak_bytes, "ranks": [dataclasses.asdict(r) for r in p.ranks]}
+        return {
+            "name": p.layout.name(),
+            **dataclasses.asdict(p.layout),
+            "fits": p.fits,
+            "peak_bytes": p.peak_bytes,
+            "ranks": [dataclasses.asdict(r) for r in p.ranks],
+        }
 
     out = dataclasses.asdict(plan)
     out["hardware"] = dataclasses.asdict(plan.hardware)

@@ -66,6 +66,23 @@ class _Row(_SharesGroups, RowParallelLinear):
         return out
 
 
+class _TiedColumn(_SharesGroups, ColumnParallelLinear):
+    """A vocab-parallel projection by a weight handed in (the embedding's shard: tied
+    embeddings), as Megatron ties its output layer (`skip_weight_param_allocation`)."""
+
+    def __init__(self, *args, sequence_parallel: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gathered_sequence = sequence_parallel
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.gathered_sequence:
+            with saving_slices(x):
+                out, _bias = super().forward(x, weight=weight)
+            return out
+        out, _bias = super().forward(x, weight=weight)
+        return out
+
+
 class _SequenceGatheredColumn(_Column):
     """Sequence parallelism: the column layer reads the sequence its norm gathered, and keeps
     only this rank's slice of it for backward (`saving_slices`)."""
@@ -143,13 +160,13 @@ class MegatronLayers:
     def _init(self, weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=self.init_std)
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         layer = (_SequenceGatheredColumn if self.sequence_parallel else _Column)(
             in_features,
             out_features,
             config=self.config,
             init_method=self._init,
-            bias=False,
+            bias=bias,
             gather_output=False,
             # the gathering norm's backward already sums the input gradient over the group
             disable_grad_reduce=self.sequence_parallel,
@@ -182,6 +199,20 @@ class MegatronLayers:
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         # A column split over the vocabulary: each rank yields its (N, V / tp) logits shard.
         return self.column(dim, vocab_size)
+
+    def tied_unembedding(self, dim: int, vocab_size: int) -> nn.Module:
+        # The embedding's vocab shard (V / tp, d) is exactly the column shard this needs.
+        return _TiedColumn(
+            dim,
+            vocab_size,
+            config=self.config,
+            init_method=self._init,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=True,
+            disable_grad_reduce=self.sequence_parallel,
+            sequence_parallel=self.sequence_parallel,
+        )
 
     def token_loss(
         self, logits: torch.Tensor, labels: torch.Tensor

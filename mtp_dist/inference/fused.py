@@ -65,16 +65,21 @@ class FusedBlock:
         self.eps = block.attn_norm.eps
         self.ffn = mlp.w_gate.weight.shape[0]
         w = lambda layer: layer.weight.detach()
-        d = w(attn.wq).shape[1]
-        self.n_heads = d // self.head_dim
+        self.n_heads = w(attn.wq).shape[0] // self.head_dim  # q width: n_heads * head_dim
         self.n_kv_heads = w(attn.wk).shape[0] // self.head_dim  # < n_heads: grouped-query
         order = lambda n: pair_order(n, self.head_dim)
         t = lambda *ws: torch.cat(ws, dim=0).t().contiguous()
         self.attn_gain = w(block.attn_norm)
         self.mlp_gain = w(block.mlp_norm)
         wq, wk = w(attn.wq)[order(self.n_heads)], w(attn.wk)[order(self.n_kv_heads)]
-        self.wqkv = t(wq, wk, w(attn.wv))  # (d, d + 2 * kv width)
-        self.wo = t(w(attn.wo))  # (d, d)
+        self.wqkv = t(wq, wk, w(attn.wv))  # (d, q width + 2 * kv width)
+        # q/k/v biases (Qwen2), pair-ordered as their weights' columns; None without.
+        self.bqkv = None
+        if attn.wq.bias is not None:
+            b = lambda layer: layer.bias.detach()
+            bq, bk = b(attn.wq)[order(self.n_heads)], b(attn.wk)[order(self.n_kv_heads)]
+            self.bqkv = torch.cat([bq, bk, b(attn.wv)])
+        self.wo = t(w(attn.wo))  # (q width, d)
         self.w_gate_up = t(w(mlp.w_gate), w(mlp.w_up))  # (d, 2f)
         self.w_down = t(w(mlp.w_down))  # (f, d)
 
@@ -82,12 +87,14 @@ class FusedBlock:
         B, T, d = x.shape
         hd, H, G = self.head_dim, self.n_heads, self.n_kv_heads
         x = x.reshape(B * T, d)
-        qkv = (rms_norm(x, self.attn_gain, self.eps) @ self.wqkv).view(B, T, H + 2 * G, hd)
+        xn = rms_norm(x, self.attn_gain, self.eps)
+        qkv = xn @ self.wqkv if self.bqkv is None else torch.addmm(self.bqkv, xn, self.wqkv)
+        qkv = qkv.view(B, T, H + 2 * G, hd)
         qk = rotate(qkv[:, :, : H + G], freqs)  # (B, T, H + G, hd), pair-ordered
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H | G, T, hd)
         k_all, v_all, mask = cache.update(k, qkv[:, :, H + G :].transpose(1, 2))
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=G != H)
-        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, d), self.wo)
+        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * hd), self.wo)
         gate_up = rms_norm(x, self.mlp_gain, self.eps) @ self.w_gate_up
         f = self.ffn
         x = torch.addmm(x, F.silu(gate_up[:, :f]) * gate_up[:, f:], self.w_down)

@@ -21,33 +21,36 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MTPModel
+from ..model.heads import TIED_WEIGHT
 from ..model.layers import Block, LocalLayers, Unembedding
+from ..model.transformer import make_block
 from .fused import pair_order, rotate
 from .kv_cache import LayerCache
 
 
 def _weights(model: MTPModel, names: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    params = dict(model.heads.named_parameters())
+    params = model.heads.weights()
     return {path: params[flat].detach() for path, flat in names}
 
 
 def head_block(model: MTPModel, i: int) -> Block:
     """Head i (0-based) as a `Block` sharing the model's tensors."""
-    cfg = model.cfg
     with torch.device("meta"):
-        block = Block(
-            cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, LocalLayers(), cfg.kv_heads
-        )
+        block = make_block(model.cfg, LocalLayers())
     block.load_state_dict(_weights(model, model.heads.head_param_names[i]), assign=True)
     return block.eval()
 
 
 def unembedding(model: MTPModel) -> Unembedding:
-    """The shared final norm + unembedding as a module sharing the model's tensors."""
+    """The shared final norm + unembedding as a module sharing the model's tensors (an untied
+    one: a tied model's projection is its embedding matrix, shared here as `proj.weight`)."""
     cfg = model.cfg
     with torch.device("meta"):
         unembed = Unembedding(cfg.d_model, cfg.vocab_size, cfg.norm_eps, LocalLayers())
-    unembed.load_state_dict(_weights(model, model.heads.shared_param_names), assign=True)
+    names = list(model.heads.shared_param_names)
+    if model.heads.tied_weight is not None:
+        names.append(("proj.weight", TIED_WEIGHT))
+    unembed.load_state_dict(_weights(model, names), assign=True)
     return unembed.eval()
 
 
@@ -62,7 +65,7 @@ class DraftHeads:
     def __init__(self, model: MTPModel, first: int, count: int) -> None:
         cfg = model.cfg
         self.count, self.eps = count, cfg.norm_eps
-        self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.d_model // cfg.n_attn_heads
+        self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.attn_head_dim
         self.n_kv_heads = cfg.kv_heads
         w = [_weights(model, model.heads.head_param_names[i]) for i in range(first, first + count)]
         stack = lambda key: torch.stack([x[key] for x in w])  # (K, out, in) or (K, d)
@@ -74,7 +77,13 @@ class DraftHeads:
             t("attn.wv.weight"),
         ]
         gate_up = [t("mlp.w_gate.weight"), t("mlp.w_up.weight")]
-        self.wqkv = torch.cat(qkv, dim=2) * stack("attn_norm.weight")[:, :, None]  # (K, d, 3d)
+        self.wqkv = torch.cat(qkv, dim=2) * stack("attn_norm.weight")[:, :, None]  # (K, d, qkv)
+        self.bqkv = None  # q/k/v biases (Qwen2), pair-ordered like the weights' columns
+        if "attn.wq.bias" in w[0]:
+            q_order = pair_order(self.n_heads, self.head_dim)
+            k_order = pair_order(self.n_kv_heads, self.head_dim)
+            biases = [stack("attn.wq.bias")[:, q_order], stack("attn.wk.bias")[:, k_order]]
+            self.bqkv = torch.cat([*biases, stack("attn.wv.bias")], dim=1)[:, None]  # (K,1,qkv)
         self.w_gate_up = torch.cat(gate_up, dim=2) * stack("mlp_norm.weight")[:, :, None]
         self.wo = t("attn.wo.weight").contiguous()  # (K, d, d)
         self.w_down = t("mlp.w_down.weight").contiguous()  # (K, ffn, d)
@@ -85,6 +94,8 @@ class DraftHeads:
         sub.__dict__.update(self.__dict__, count=k)
         for name in ("wqkv", "w_gate_up", "wo", "w_down"):
             setattr(sub, name, getattr(self, name)[:k])
+        if self.bqkv is not None:
+            sub.bqkv = self.bqkv[:k]
         return sub
 
     def __call__(
@@ -101,7 +112,11 @@ class DraftHeads:
         K, H, G, hd = self.count, self.n_heads, self.n_kv_heads, self.head_dim
         rows = torch.arange(B, device=h.device)
         xn = F.rms_norm(h, (d,), eps=self.eps).reshape(1, B * S, d).expand(K, -1, -1)
-        qkv = torch.bmm(xn, self.wqkv).view(K, B, S, H + 2 * G, hd)
+        if self.bqkv is None:
+            qkv = torch.bmm(xn, self.wqkv)
+        else:
+            qkv = torch.baddbmm(self.bqkv, xn, self.wqkv)
+        qkv = qkv.view(K, B, S, H + 2 * G, hd)
         qk = rotate(qkv[:, :, :, : H + G], freqs)  # (K, B, S, H + G, hd): all heads, one call
         # The K heads' attention heads side by side: (B, K*H, S, hd) and (B, K*G, S, hd); query
         # head k*H + j reads key/value head k*G + j // (H/G), as grouped-query attention does.
@@ -114,7 +129,7 @@ class DraftHeads:
             q, k_all, v_all, attn_mask=mask[rows, :, last, None], enable_gqa=G != H
         )
         x = h[rows, last][None]  # (1, B, d)
-        x = x + torch.bmm(y.view(B, K, d).transpose(0, 1), self.wo)  # (K, B, d)
+        x = x + torch.bmm(y.view(B, K, H * hd).transpose(0, 1), self.wo)  # (K, B, d)
         xm = F.rms_norm(x, (d,), eps=self.eps)
         gate, up = torch.bmm(xm, self.w_gate_up).chunk(2, dim=2)
         x = x + torch.bmm(F.silu(gate) * up, self.w_down)  # (K, B, d)

@@ -33,6 +33,10 @@ from torch.func import functional_call
 from .layers import IGNORE_INDEX
 from .params import Owner, heads_member_name
 
+TIED_WEIGHT = "tied_embedding"
+"""The key under which the heads' weight dicts carry a tied unembedding (the embedding's
+matrix, not a parameter of the heads)."""
+
 
 class LossOutput(NamedTuple):
     """`loss` is the sum over heads of each head's mean cross-entropy (the one to backprop).
@@ -94,11 +98,14 @@ class MultiTokenHeads(nn.Module):
         loss_chunk: int = 0,
         pad_id: int = -1,
         reduction: HeadReduction | None = None,
+        tied_weight: nn.Parameter | None = None,
     ) -> None:
         """`blocks`: head index -> that head's layer, for the heads this module holds (all n,
         except under head parallelism); `unembed`: the shared final norm + unembedding. Their
         parameters are adopted under flat names; the modules become parameter-free templates.
-        `loss_chunk`: tokens per cross-entropy chunk (0: each head's logits in one piece)."""
+        `loss_chunk`: tokens per cross-entropy chunk (0: each head's logits in one piece).
+        `tied_weight`: the input embedding's matrix, when `unembed` is tied to it: used as the
+        projection, but not registered here (it stays the embedding's one parameter)."""
         super().__init__()
         if not blocks:
             raise ValueError("MultiTokenHeads needs at least one head")
@@ -115,6 +122,9 @@ class MultiTokenHeads(nn.Module):
             i: self._adopt(Owner("head", i), block) for i, block in sorted(blocks.items())
         }
         self.shared_param_names: list[tuple[str, str]] = self._adopt(Owner("unembed"), unembed)
+        # Hidden from registration like the templates: state_dict and ZeRO see it once, as
+        # the embedding's (the distributed engine registers it as an external parameter).
+        object.__setattr__(self, "tied_weight", tied_weight)
         # Parameter-free templates, hidden from module registration (object.__setattr__), so
         # that .to(), state_dict() and ZeRO never see them; functional_call supplies weights.
         first = blocks[self.head_ids[0]]
@@ -133,6 +143,19 @@ class MultiTokenHeads(nn.Module):
     def _params(self, names: Iterable[tuple[str, str]], source: dict[str, torch.Tensor]):
         return {path: source[flat] for path, flat in names}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every tensor the heads compute with, by flat name: their own parameters and, when
+        tied, the embedding's matrix under TIED_WEIGHT."""
+        source = dict(self.named_parameters())
+        if self.tied_weight is not None:
+            source[TIED_WEIGHT] = self.tied_weight
+        return source
+
+    def shared_flat_names(self) -> list[str]:
+        """Flat names of the shared final norm + unembedding tensors (TIED_WEIGHT included)."""
+        names = [flat for _, flat in self.shared_param_names]
+        return names + ([TIED_WEIGHT] if self.tied_weight is not None else [])
+
     def head_hidden(
         self,
         i: int,
@@ -143,7 +166,7 @@ class MultiTokenHeads(nn.Module):
         params: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Head i's transformer layer on the trunk output h (B, T, d) -> (B, T, d)."""
-        source = params if params is not None else dict(self.named_parameters())
+        source = params if params is not None else self.weights()
         weights = self._params(self.head_param_names[i], source)
         return functional_call(self._block_template, weights, (h, cos, sin, kv_cache))
 
@@ -151,9 +174,10 @@ class MultiTokenHeads(nn.Module):
         self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Shared final norm + unembedding: (B, T, d) -> (B, T, V[shard])."""
-        source = params if params is not None else dict(self.named_parameters())
+        source = params if params is not None else self.weights()
         weights = self._params(self.shared_param_names, source)
-        return functional_call(self._unembed_template, weights, (x,))
+        args = (x,) if self.tied_weight is None else (x, source[TIED_WEIGHT])
+        return functional_call(self._unembed_template, weights, args)
 
     def logits(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i: int = 0):
         return self.project(self.head_hidden(i, h, cos, sin))
@@ -177,8 +201,8 @@ class MultiTokenHeads(nn.Module):
         return loss, correct.sum(), count
 
     def _chunked_loss(self, i, z, labels, params=None):
-        source = params if params is not None else dict(self.named_parameters())
-        names = [flat for _, flat in self.shared_param_names]
+        source = params if params is not None else self.weights()
+        names = self.shared_flat_names()
         shared = [source[n] for n in names]
         if torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in shared)):
             return _ChunkedProjectionLoss.apply(self, i, z, labels, names, *shared)
@@ -190,17 +214,23 @@ class MultiTokenHeads(nn.Module):
         """Head i's (loss, #correct, #valid), its forward and backward at once: the gradient is
         accumulated into the `.grad` of `h_leaf` and of the `leaves` (detached parameters) it
         reaches, and head i's graph (logits included) is freed on return."""
+        own = [leaves[flat] for _, flat in self.head_param_names[i]]
+        shared = [leaves[flat] for flat in self.shared_flat_names()]
+        inputs = [t for t in [h_leaf, *own] if t.requires_grad]
+        if not inputs and not any(p.requires_grad for p in shared):
+            # Nothing this head reaches trains (head 1 of a frozen next-token model): its loss
+            # is measured, and no graph is built.
+            with torch.no_grad():
+                return self.head_loss(i, h_leaf, labels, cos, sin, params=leaves)
         z = self.head_hidden(i, h_leaf, cos, sin, params=leaves)  # (B, T, d)
-        wanted = [leaves[flat] for _, flat in self.head_param_names[i]]
-        inputs = [h_leaf] + [p for p in wanted if p.requires_grad]
         if self.loss_chunk > 0:  # the chunks accumulate the shared gradients themselves
             loss, correct, count, grad_z = chunked_cross_entropy(
                 self, i, z, labels, leaves, backward=True
             )
-            torch.autograd.backward(z, grad_z, inputs=inputs)
+            if inputs:
+                torch.autograd.backward(z, grad_z, inputs=inputs)
         else:
             loss, correct, count = self._whole_loss(i, z, labels, leaves)
-            shared = [leaves[flat] for _, flat in self.shared_param_names]
             torch.autograd.backward(loss, inputs=inputs + [p for p in shared if p.requires_grad])
         return loss.detach(), correct, count
 
@@ -211,9 +241,10 @@ class MultiTokenHeads(nn.Module):
         """Loss over heads for trunk output h (B, T, d) and next-token labels (B, >= T)."""
         if self.pad_id >= 0:  # packed shards pad the last window of a split
             labels = labels.masked_fill(labels == self.pad_id, IGNORE_INDEX)
-        if self.loss_impl == "sequential" and torch.is_grad_enabled() and h.requires_grad:
-            names = [flat for flat, _ in self.named_parameters()]
-            params = [p for _, p in self.named_parameters()]
+        source = self.weights()
+        trains = h.requires_grad or any(p.requires_grad for p in source.values())
+        if self.loss_impl == "sequential" and torch.is_grad_enabled() and trains:
+            names, params = list(source), list(source.values())
             total, losses, correct, counts = _SequentialHeadLoss.apply(
                 self, names, h, labels, cos, sin, *params
             )
@@ -240,7 +271,8 @@ class _SequentialHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, heads: MultiTokenHeads, names, h, labels, cos, sin, *params):
         with torch.enable_grad():
-            h_leaf = h.detach().requires_grad_(True)
+            # A frozen trunk (no gradient wanted for h) is not backpropagated into at all.
+            h_leaf = h.detach().requires_grad_(h.requires_grad)
             leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, params)}
             losses, corrects, counts = [], [], []
             for i in heads.head_ids:
@@ -249,28 +281,33 @@ class _SequentialHeadLoss(torch.autograd.Function):
                 losses.append(loss)
                 corrects.append(correct)
                 counts.append(count)
-        grad_h = h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h)
-        grad_h = heads.reduction.reduce_hidden_grad(grad_h)
-        shared = [leaves[flat].grad for _, flat in heads.shared_param_names]
+        grad_h = None
+        if h.requires_grad:
+            grad_h = h_leaf.grad if h_leaf.grad is not None else torch.zeros_like(h)
+            grad_h = heads.reduction.reduce_hidden_grad(grad_h)
+        shared = [leaves[flat].grad for flat in heads.shared_flat_names()]
         heads.reduction.reduce_shared_grads([g for g in shared if g is not None])
         ctx.grad_names = [n for n in names if leaves[n].grad is not None]
         ctx.param_slots = [names.index(n) for n in ctx.grad_names]
         ctx.n_params = len(names)
-        ctx.save_for_backward(grad_h, *[leaves[n].grad for n in ctx.grad_names])
+        ctx.has_grad_h = grad_h is not None
+        saved = [leaves[n].grad for n in ctx.grad_names]
+        ctx.save_for_backward(*([grad_h] if ctx.has_grad_h else []), *saved)
         losses, corrects, counts = torch.stack(losses), torch.stack(corrects), torch.stack(counts)
         ctx.mark_non_differentiable(losses, corrects, counts)
         return losses.sum(), losses, corrects, counts
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
-        grad_h, *saved = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0).mul_(grad_total) if ctx.has_grad_h else None
         # Scaled in place: the buffers are this node's own, so the parameters receive them
         # without a second copy of every head and unembedding gradient (a second backward
         # through the graph fails on their version counter instead of reusing them).
         param_grads = [None] * ctx.n_params
         for slot, g in zip(ctx.param_slots, saved):
             param_grads[slot] = g.mul_(grad_total)
-        return (None, None, grad_h.mul_(grad_total), None, None, None, *param_grads)
+        return (None, None, grad_h, None, None, None, *param_grads)
 
 
 def chunk_positions(chunk: int, batch: int, length: int) -> list[tuple[int, int]]:
@@ -296,7 +333,7 @@ def chunked_cross_entropy(
     is rank-independent, and with k = 1 it is the plain chunk.
     """
     B, t = z.shape[:2]
-    shared = [params[flat] for _, flat in heads.shared_param_names]
+    shared = [params[flat] for flat in heads.shared_flat_names()]
     wanted = [p for p in shared if p.requires_grad] if backward else []
     grad_z = torch.empty_like(z) if backward else None
     loss_sum, correct, target, count, divisor = None, None, None, None, None

@@ -7,6 +7,7 @@ groups: attention derives its local head count from the width the factory's laye
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -19,8 +20,8 @@ IGNORE_INDEX = -100
 class LayerFactory(Protocol):
     """Makes the layers whose parallel form differs from the local one."""
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        """Linear whose output features may be split over ranks (input replicated)."""
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        """Linear whose output features (and bias) may be split over ranks (input replicated)."""
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         """Linear whose input features may be split over ranks (output summed)."""
@@ -33,6 +34,10 @@ class LayerFactory(Protocol):
 
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         """Projection to logits; may return a vocab shard of them."""
+
+    def tied_unembedding(self, dim: int, vocab_size: int) -> nn.Module:
+        """A parameter-free projection to logits, `(x, weight) -> logits`, by the input
+        embedding's matrix (tied embeddings); split over ranks as `embedding` splits it."""
 
     def token_loss(
         self, logits: torch.Tensor, labels: torch.Tensor
@@ -49,10 +54,12 @@ class LocalLayers:
 
     def _init(self, module: nn.Module) -> nn.Module:
         nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
         return module
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return self._init(nn.Linear(in_features, out_features, bias=False))
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return self._init(nn.Linear(in_features, out_features, bias=bias))
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self._init(nn.Linear(in_features, out_features, bias=False))
@@ -65,6 +72,9 @@ class LocalLayers:
 
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         return self._init(nn.Linear(dim, vocab_size, bias=False))
+
+    def tied_unembedding(self, dim: int, vocab_size: int) -> nn.Module:
+        return TiedProjection()
 
     def token_loss(
         self, logits: torch.Tensor, labels: torch.Tensor
@@ -89,9 +99,42 @@ class RMSNorm(nn.Module):
         return x.to(dtype) * self.weight
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape (max_len, head_dim // 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+class TiedProjection(nn.Module):
+    """logits = x @ weight.T with the weight handed in: the input embedding's (tied)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling (transformers' `_compute_llama3_parameters`, Meta's
+    `apply_scaling`): wavelengths longer than original_max / low_freq_factor are stretched by
+    `factor`, those shorter than original_max / high_freq_factor kept, and the band between
+    interpolated smoothly. `scaling` is a ModelConfig.rope_scaling."""
+    old = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotary_tables(
+    head_dim: int, max_len: int, theta: float, scaling=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (max_len, head_dim // 2); `scaling` a ModelConfig.rope_scaling
+    (type 'none' or 'llama3'), or None.
+
+    The inverse frequencies are computed in float32, as transformers and Meta's Llama compute
+    them (an imported model's rotations must be its own to the last bit of the frequency), then
+    the angles in float64."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    if scaling is not None and scaling.type == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
+    inv_freq = inv_freq.double()
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -113,17 +156,25 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, n_heads: int, layers: LayerFactory, n_kv_heads: int | None = None
+        self,
+        d_model: int,
+        n_heads: int,
+        layers: LayerFactory,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = False,
     ) -> None:
+        """`head_dim` defaults to d_model / n_heads; `bias`: biases on q, k and v (Qwen2)."""
         super().__init__()
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        q_width = n_heads * self.head_dim
         kv_width = (n_kv_heads or n_heads) * self.head_dim  # grouped-query attention: fewer k/v
         # Separate q/k/v projections so a column split keeps whole heads on each rank (and,
         # with n_kv_heads divisible by the split, each rank's query heads with their k/v heads).
-        self.wq = layers.column(d_model, d_model)
-        self.wk = layers.column(d_model, kv_width)
-        self.wv = layers.column(d_model, kv_width)
-        self.wo = layers.row(d_model, d_model)
+        self.wq = layers.column(d_model, q_width, bias)
+        self.wk = layers.column(d_model, kv_width, bias)
+        self.wv = layers.column(d_model, kv_width, bias)
+        self.wo = layers.row(q_width, d_model)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None
@@ -167,10 +218,12 @@ class Block(nn.Module):
         eps: float,
         layers: LayerFactory,
         n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        attn_bias: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = layers.norm(d_model, eps)
-        self.attn = Attention(d_model, n_heads, layers, n_kv_heads)
+        self.attn = Attention(d_model, n_heads, layers, n_kv_heads, head_dim, attn_bias)
         self.mlp_norm = layers.norm(d_model, eps)
         self.mlp = SwiGLU(d_model, ffn_hidden, layers)
 
@@ -182,12 +235,21 @@ class Block(nn.Module):
 
 
 class Unembedding(nn.Module):
-    """The shared final norm + projection to the vocabulary."""
+    """The shared final norm + projection to the vocabulary. `tied`: the projection has no
+    weight of its own; forward takes the input embedding's matrix as `weight`."""
 
-    def __init__(self, d_model: int, vocab_size: int, eps: float, layers: LayerFactory) -> None:
+    def __init__(
+        self, d_model: int, vocab_size: int, eps: float, layers: LayerFactory, tied: bool = False
+    ) -> None:
         super().__init__()
+        self.tied = tied
         self.norm = layers.norm(d_model, eps)
-        self.proj = layers.unembedding(d_model, vocab_size)
+        if tied:
+            self.proj = layers.tied_unembedding(d_model, vocab_size)
+        else:
+            self.proj = layers.unembedding(d_model, vocab_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tied:
+            return self.proj(self.norm(x), weight)
         return self.proj(self.norm(x))

@@ -27,9 +27,7 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     default initialisation happens in the same order in both."""
 
     def block(layers: LayerFactory) -> nn.Module:
-        return Block(
-            cfg.d_model, cfg.n_attn_heads, cfg.ffn_width, cfg.norm_eps, layers, cfg.kv_heads
-        )
+        return make_block(cfg, layers)
 
     plan: list[tuple[Owner, Callable[[LayerFactory], nn.Module]]] = [
         (Owner("embed"), lambda layers: layers.embedding(cfg.vocab_size, cfg.d_model))
@@ -39,10 +37,26 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     plan.append(
         (
             Owner("unembed"),
-            lambda layers: Unembedding(cfg.d_model, cfg.vocab_size, cfg.norm_eps, layers),
+            lambda layers: Unembedding(
+                cfg.d_model, cfg.vocab_size, cfg.norm_eps, layers, tied=cfg.tie_embeddings
+            ),
         )
     )
     return plan
+
+
+def make_block(cfg: ModelConfig, layers: LayerFactory) -> Block:
+    """One transformer layer of this model (trunk layer or head), built by `layers`."""
+    return Block(
+        cfg.d_model,
+        cfg.n_attn_heads,
+        cfg.ffn_width,
+        cfg.norm_eps,
+        layers,
+        cfg.kv_heads,
+        head_dim=cfg.attn_head_dim,
+        attn_bias=cfg.attn_bias,
+    )
 
 
 class MTPModel(nn.Module):
@@ -85,8 +99,13 @@ class MTPModel(nn.Module):
             loss_chunk=cfg.loss_chunk,
             pad_id=cfg.pad_id,
             reduction=head_reduction,
+            # Tied embeddings: the heads project by the embedding's matrix, which stays the
+            # embedding's parameter (one tensor, `embed.weight`; its two gradients add up).
+            tied_weight=self.embed.weight if cfg.tie_embeddings else None,
         )
-        cos, sin = rotary_tables(cfg.d_model // cfg.n_attn_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(
+            cfg.attn_head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -110,8 +129,15 @@ class MTPModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Training/eval loss. labels[:, j] is the token after input position j (B, >= T);
-        head i at position t targets labels[:, t + i - 1]; IGNORE_INDEX (-100) is masked."""
-        h, cos, sin = self.trunk_forward(input_ids)
+        head i at position t targets labels[:, t + i - 1]; IGNORE_INDEX (-100) is masked.
+
+        When nothing beneath the heads trains (the embedding and trunk frozen), the trunk runs
+        without autograd: none of its activations are kept and its backward is skipped."""
+        trunk_trains = any(p.requires_grad for p in self.embed.parameters()) or any(
+            p.requires_grad for p in self.trunk.parameters()
+        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trunk_trains):
+            h, cos, sin = self.trunk_forward(input_ids)
         return self.heads(h, labels, cos, sin)
 
     @torch.no_grad()
@@ -142,8 +168,8 @@ class _RoleRecorder(LocalLayers):
             self.roles[param] = role
         return module
 
-    def column(self, in_features: int, out_features: int) -> nn.Module:
-        return self._made(super().column(in_features, out_features), "column")
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return self._made(super().column(in_features, out_features, bias), "column")
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self._made(super().row(in_features, out_features), "row")
