@@ -38,6 +38,10 @@ _BLOCK = {
     "mlp.w_gate.weight": "mlp.gate_proj.weight",
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
+    # Qwen2's q/k/v biases (model.attn_bias)
+    "attn.wq.bias": "self_attn.q_proj.bias",
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
 }
 _HF = {
     "embed": {"weight": "model.embed_tokens.weight"},
@@ -80,34 +84,60 @@ def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     return {names[k]: v for k, v in hf_state.items()}
 
 
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers' rope_parameters (5.x; 4.x's rope_scaling holds the same keys) of the model."""
+    params: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.type == "llama3":
+        r = cfg.rope_scaling
+        params.update(
+            rope_type="llama3",
+            factor=r.factor,
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            original_max_position_embeddings=r.original_max_position_embeddings,
+        )
+    return params
+
+
 def hf_config(cfg: ModelConfig, tokenizer) -> dict:
-    """config.json of the next-token model. vocab_size is the model's padded embedding size;
-    the tokenizer's ids are its first tokenizer.vocab_size rows."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """config.json of the next-token model. vocab_size is the model's embedding size (ours:
+    padded); the tokenizer's ids are its first tokenizer.vocab_size rows.
+
+    A model with q/k/v biases (imported from Qwen2) goes out as `Qwen2ForCausalLM`, the only
+    one of the two whose biases are q/k/v alone (Llama's `attention_bias` also biases o)."""
+    rope = rope_parameters(cfg)
+    arch, model_type = (
+        ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama")
+    )
+    out = {
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_width,
         "num_hidden_layers": cfg.trunk_layers + 1,
         "num_attention_heads": cfg.n_attn_heads,
         "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.d_model // cfg.n_attn_heads,
+        "head_dim": cfg.attn_head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        # transformers 5 reads rope_parameters, 4.x rope_theta: both, the same value.
+        # transformers 5 reads rope_parameters, 4.x rope_theta / rope_scaling: both.
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope,
+        "rope_scaling": None if rope["rope_type"] == "default" else rope,
         "max_position_embeddings": cfg.max_seq_len,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
         "torch_dtype": "float32",
         "dtype": "float32",
     }
+    if cfg.attn_bias:  # Qwen2: no sliding window anywhere
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
 
 
 def _heads_index(cfg: ModelConfig) -> dict:

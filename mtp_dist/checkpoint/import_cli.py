@@ -1,6 +1,7 @@
-"""`mtp import meta DIR --out RUN_DIR`: a model released in Meta's layout as a run directory with
-one complete checkpoint, which decodes, evaluates and trains (`--init-from`) like a native one
-(docs/interop.md)."""
+"""`mtp import meta DIR --out RUN_DIR` (a model released in Meta's layout) and `mtp import hf DIR
+--out RUN_DIR` (a Llama-family Hugging Face checkpoint, gaining multi-token heads): a run
+directory with one complete checkpoint, which decodes, evaluates and trains (`--init-from`) like
+a native one (docs/interop.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,24 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     ckpt = import_meta(args.source, args.out, max_seq_len=args.max_seq_len)
     print(f"wrote {ckpt}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from .hf_import import import_hf
+
+    ckpt = import_hf(
+        args.source,
+        args.out,
+        n_future=args.n_future,
+        head_init=args.head_init,
+        max_seq_len=args.max_seq_len,
+    )
+    print(f"wrote {ckpt}")
+    print(
+        f"next: mtp generate --checkpoint {args.out} --prompt '...' --compare; "
+        f"mtp train RECIPE --init-from {args.out} train.freeze=trunk_and_head1"
+    )
     return 0
 
 
@@ -28,3 +47,27 @@ def register(subparsers) -> None:
         help="rotary table length, the longest context (default 4096, Llama-2's)",
     )
     meta.set_defaults(func=cmd_import)
+    hf = sub.add_parser(
+        "hf", help="a Llama-family Hugging Face checkpoint (Llama, Mistral, Qwen2), plus heads"
+    )
+    hf.add_argument("source", help="directory with config.json, *.safetensors, tokenizer.json")
+    hf.add_argument("--out", required=True, help="new run directory (must not exist)")
+    hf.add_argument(
+        "--n-future",
+        type=int,
+        default=4,
+        help="heads n: the checkpoint's last layer is head 1, n - 1 heads are added (default 4)",
+    )
+    hf.add_argument(
+        "--head-init",
+        choices=("copy", "random"),
+        default="copy",
+        help="new heads: copies of the last layer (default) or freshly initialised",
+    )
+    hf.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="rotary table length, the longest context (default: max_position_embeddings)",
+    )
+    hf.set_defaults(func=cmd_import_hf)

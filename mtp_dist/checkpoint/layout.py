@@ -106,7 +106,11 @@ def read_trainer_state(path: Path) -> dict:
 def check_tokenizer(cfg: RunConfig, tokenizer, where: Path) -> None:
     """The model's vocabulary must fit the tokenizer it is used with."""
     vocab = cfg.model.vocab_size
-    if tokenizer.vocab_size > vocab or vocab != padded_vocab(tokenizer.vocab_size):
+    # Ours pad the embedding to a multiple of 64; a pretrained model's embedding has the rows
+    # it was trained with, which may be more than its tokenizer has (Qwen2.5: 151936 rows for
+    # 151665 tokens), never fewer.
+    padded = vocab == padded_vocab(tokenizer.vocab_size) or tokenizer.kind == "hf"
+    if tokenizer.vocab_size > vocab or not padded:
         raise CheckpointError(
             f"tokenizer mismatch: checkpoint {where} has a model for vocab_size={vocab}, "
             f"but the tokenizer has vocab_size={tokenizer.vocab_size}"
