@@ -231,3 +231,28 @@ def test_bad_input_is_one_line_and_leaves_nothing(
         assert not (tmp_path / "run").exists()
     else:
         assert not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("case", ["llama3_tied_gqa_headdim", "qwen2_bias", "llama2_spm"])
+def test_export_gives_back_the_checkpoint(tmp_path, checkpoints, case):
+    """import -> export: transformers loads the export as the source's architecture, with the
+    source's exact weights (logits bit-identical) and its tokenizer files unchanged."""
+    source = checkpoints[case]
+    import_hf(source, tmp_path / "run", n_future=2)
+    assert main(["export", "hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert type(back) is type(theirs)
+    want = dict(theirs.state_dict())
+    got = dict(back.state_dict())
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.tensor(
+        [transformers.AutoTokenizer.from_pretrained(out)(corpus_texts()[0])["input_ids"][:100]]
+    )
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids).logits, theirs.eval()(ids).logits)
+    assert json.loads((out / "mtp_heads.json").read_text())["n_future"] == 2
