@@ -128,7 +128,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("sources", nargs="+", help="directories, .jsonl files, plain text files")
     p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
     tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer", help="directory of a saved tokenizer (tokenizer.json)")
+    tok.add_argument(
+        "--tokenizer",
+        help="directory of a saved tokenizer, or of a Hugging Face model's tokenizer files",
+    )
     tok.add_argument("--bytes", action="store_true", help="use the byte tokenizer")
     p.add_argument("--seq-len", type=int, required=True, help="trunk context in tokens")
     p.add_argument("--n-future", type=int, required=True, help="number of output heads")

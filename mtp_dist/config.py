@@ -113,7 +113,9 @@ class DataConfig:
     include: list[str] = field(default_factory=lambda: ["**/*.py"])
     """Glob patterns of files taken from a directory source."""
     tokenizer: str = "sentencepiece"
-    """'bytes' or 'sentencepiece' (trained on the corpus on first run unless tokenizer_path)."""
+    """'bytes', 'sentencepiece' (trained on the corpus on first run unless tokenizer_path) or
+    'hf' (a checkpoint's own Hugging Face tokenizer: tokenizer_path names a directory holding
+    tokenizer.json + tokenizer_config.json, e.g. a model's)."""
     tokenizer_path: str | None = None
     """Directory of a saved tokenizer to use instead of training one."""
     sp_vocab_size: int = 4096
@@ -228,7 +230,7 @@ class RunConfig:
 
 _CHOICES = {
     "model.loss_impl": ("sequential", "naive"),
-    "data.tokenizer": ("bytes", "sentencepiece"),
+    "data.tokenizer": ("bytes", "sentencepiece", "hf"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "train.recompute": ("none", "selective", "full"),

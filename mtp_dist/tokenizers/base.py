@@ -1,7 +1,8 @@
 """The tokenizer interface shared by the trainer, the data builder and the generator.
 
-Two implementations exist: `ByteTokenizer` (UTF-8 bytes, no training) and
-`SentencePieceTokenizer` (BPE trained on code). Both write `tokenizer.json` with `save()`, and
+Three implementations exist: `ByteTokenizer` (UTF-8 bytes, no training),
+`SentencePieceTokenizer` (BPE trained on code) and `PretrainedTokenizer` (an imported
+checkpoint's own Hugging Face tokenizer). Each writes `tokenizer.json` with `save()`, and
 `load_tokenizer()` reads it back, so a run directory fully describes its tokenizer.
 """
 

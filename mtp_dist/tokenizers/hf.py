@@ -13,6 +13,8 @@ ids as `tok.encode` (tests/test_interop.py checks it on standard-library files).
 
 Special tokens written literally in a text ("<s>" inside a string of code) stay text, as they do
 for our tokenizers: `split_special_tokens=True`.
+
+- hf (a checkpoint's own tokenizer, `PretrainedTokenizer`): its files as imported, byte for byte.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def _spm_backend(model_file: Path):
 
 def save_hf_tokenizer(tokenizer: Tokenizer, out: str | Path) -> None:
     """Write tokenizer.json + tokenizer_config.json (and the spm model, for reference) to `out`."""
+    if tokenizer.kind == "hf":  # the checkpoint's own files, unchanged
+        tokenizer.write_hf_files(out)
+        return
     import tempfile
 
     from transformers import PreTrainedTokenizerFast

@@ -1,8 +1,10 @@
 """The trainer's data: tokenizer and packed shards, prepared once (by the main rank) per run.
 
-On first run the tokenizer is trained on the corpus (or the byte tokenizer is used) and saved to
-<run_dir>/tokenizer; the corpus is packed into webdataset shards under data.shards_dir (default
-<run_dir>/data) by data_pipeline, which reuses an existing build of the same input and settings.
+On first run the tokenizer is trained on the corpus and saved to <run_dir>/tokenizer (or the byte
+tokenizer, a saved one in data.tokenizer_path, or with data.tokenizer=hf the Hugging Face
+tokenizer files in data.tokenizer_path are used); the corpus is packed into webdataset shards
+under data.shards_dir (default <run_dir>/data) by data_pipeline, which reuses an existing build
+of the same input and settings.
 Other ranks wait at a barrier, then load.
 """
 
@@ -34,9 +36,17 @@ def check_corpus(cfg: RunConfig) -> None:
 def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
     from data_pipeline.sources import plan_tasks
 
-    from ..tokenizers import ByteTokenizer, load_tokenizer
+    from ..config import ConfigError
+    from ..tokenizers import ByteTokenizer, build_tokenizer, load_tokenizer
     from ..tokenizers.cli import train_checked
 
+    if cfg.data.tokenizer == "hf":  # a model directory's own files, or a saved 'hf' tokenizer
+        if not cfg.data.tokenizer_path:
+            raise ConfigError(
+                "data.tokenizer=hf needs data.tokenizer_path=DIR (a directory holding "
+                "tokenizer.json + tokenizer_config.json, e.g. a Hugging Face model's)"
+            )
+        return build_tokenizer("hf", cfg.data.tokenizer_path)
     if cfg.data.tokenizer_path:
         return load_tokenizer(cfg.data.tokenizer_path)
     if cfg.data.tokenizer == "bytes":
