@@ -76,7 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if "=" in recipe and not os.path.exists(recipe):  # `mtp train key=value`: default recipe
         recipe, overrides = DEFAULT_RECIPE, [recipe, *overrides]
-    cfg = load_config(recipe, overrides)  # before the heavy imports: config errors are quick
+    model_base = None
+    if args.init_from:  # the checkpoint's model is the starting point of the recipe's
+        from .checkpoint.layout import resolve_checkpoint
+
+        model_base = load_config(resolve_checkpoint(args.init_from) / "config.yaml").model
+    # before the heavy imports: config errors are quick
+    cfg = load_config(recipe, overrides, model_base)
     from .training import Trainer
 
     runtime = None

@@ -350,10 +350,18 @@ def find_recipe(recipe: str | Path) -> Traversable:
     raise ConfigError(f"recipe {str(recipe)!r}: {why} (shipped recipes: {shipped})")
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Schema <- recipe YAML <- `key=value` overrides, validated. Errors name the key."""
+def load_config(
+    recipe: str | Path | None = None,
+    overrides: list[str] = (),
+    model_base: ModelConfig | None = None,
+) -> RunConfig:
+    """Schema <- recipe YAML <- `key=value` overrides, validated. Errors name the key.
+    `model_base` replaces the schema's model defaults (`mtp train --init-from`: the
+    checkpoint's model, which the recipe and overrides may still change)."""
     try:
         merged: DictConfig = OmegaConf.structured(RunConfig)
+        if model_base is not None:
+            merged.model = OmegaConf.structured(model_base)
         if recipe is not None:
             with find_recipe(recipe).open() as f:
                 merged = OmegaConf.merge(merged, OmegaConf.load(f))

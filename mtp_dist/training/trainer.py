@@ -81,12 +81,16 @@ def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
     return out
 
 
-def _model_differences(ours, saved) -> str:
+# Model keys that change how the weights are used, not what they are: `--init-from` may set them.
+WEIGHT_FREE_KEYS = ("loss_impl", "loss_chunk", "init_std", "max_seq_len")
+
+
+def _model_differences(ours, saved, ignore: tuple[str, ...] = ()) -> str:
     """`model.key=ours (checkpoint: saved)` for each key where two ModelConfigs differ."""
     return ", ".join(
         f"model.{key}={getattr(ours, key)!r} (checkpoint: {value!r})"
         for key, value in asdict(saved).items()
-        if getattr(ours, key) != value
+        if key not in ignore and asdict(ours)[key] != value
     )
 
 
@@ -171,18 +175,28 @@ class Trainer:
         # The FFN width counts, not how it was written (0 = our rule, or explicit on import).
         ours = replace(self.cfg.model, ffn_hidden=self.cfg.model.ffn_width)
         saved = replace(saved, ffn_hidden=saved.ffn_width)
-        if saved != ours:
-            differ = _model_differences(ours, saved)
+        differ = _model_differences(ours, saved, ignore=WEIGHT_FREE_KEYS)
+        if differ:
             raise ConfigError(f"--init-from {path}: model config differs: {differ}")
         if self.runtime.is_main:
             print(f"initial weights from {path}")
         return weights.stream()
 
     def _restore(self, path: Path) -> None:
-        saved = load_config(path / "config.yaml").model
+        saved_cfg = load_config(path / "config.yaml")
+        saved = saved_cfg.model
         if saved != self.cfg.model:
             differ = _model_differences(self.cfg.model, saved)
             raise TrainingAborted(f"model config differs from the one in {path}: {differ}")
+        # The optimizer state holds the trainable parameters only: another freeze would meet
+        # moments for other parameters. Changing it is a new run from these weights.
+        was, now = saved_cfg.train.freeze, self.cfg.train.freeze
+        if was != now:
+            raise TrainingAborted(
+                f"train.freeze={now} differs from the checkpoint's train.freeze={was} ({path}): "
+                "the optimizer state covers other parameters; keep train.freeze, or start a "
+                "new run from its weights with --init-from"
+            )
         try:
             self.engine.load(path)
             state = ckpt.read_trainer_state(path)
