@@ -256,3 +256,27 @@ def test_export_gives_back_the_checkpoint(tmp_path, checkpoints, case):
     with torch.no_grad():
         assert torch.equal(back.eval()(ids).logits, theirs.eval()(ids).logits)
     assert json.loads((out / "mtp_heads.json").read_text())["n_future"] == 2
+
+
+def test_imported_model_runs_like_a_native_one(tmp_path, capsys, checkpoints):
+    """`mtp generate --compare`, `mtp eval` and `mtp heldout` on an imported checkpoint (the
+    tied, llama3-scaled, GQA one): speculative output identical to greedy, scores produced."""
+    run = tmp_path / "run"
+    import_hf(checkpoints["llama3_tied_gqa_headdim"], run, n_future=3)
+    capsys.readouterr()
+    args = ["generate", "--checkpoint", str(run), "--prompt", "def f(x):", "--compare"]
+    assert main([*args, "--max-tokens", "24"]) == 0
+    assert "identical to greedy: yes" in capsys.readouterr().err
+    code = main(["eval", "--checkpoint", str(run), "--benchmark", "mbpp", "--limit", "2",
+                 "--samples", "0", "--max-tokens", "16", "--no-mlflow",
+                 "--out", str(tmp_path / "eval.json")])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "eval.json").read_text())
+    files = tmp_path / "held"
+    files.mkdir()
+    for i, text in enumerate(corpus_texts()[:2]):
+        (files / f"f{i}.py").write_text(text)
+    assert main(["heldout", "--checkpoint", str(run), "--files", str(files), "--no-mlflow",
+                 "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report
