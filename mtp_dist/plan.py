@@ -5,7 +5,8 @@ of activations (per trunk layer, by tensor / sequence parallelism, pipeline sche
 recompute) and of the heads' loss (sequential, naive or chunked); then the FLOPs per token
 (the n heads and the unembedding counted n times), the step time at a given MFU, tokens per day
 and days to a token budget. No process group, no model weights: the parameter shapes come from
-the parameter table (`mtp_dist.model.parameter_table`, built on the meta device).
+the parameter table (`mtp_dist.model.parameter_table`, built on the meta device); what a
+rank holds and what of it trains under `train.freeze`: mtp_dist/plan_params.py.
 
 The formulas, what they count and where they agree with Megatron-LM's
 `theoretical_memory_usage.py` and DeepSpeed's `estimate_zero*_model_states_mem_needs`:
@@ -15,12 +16,23 @@ docs/plan.md.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from .config import ConfigError, RunConfig
+from .plan_params import BYTE_VOCAB as BYTE_VOCAB
+from .plan_params import ParamCounts as ParamCounts
+from .plan_params import (
+    head_share,
+    model_state_bytes,
+    param_counts,
+    projection_trains,
+    rank_param_counts,
+    stage_layers,
+    trunk_trains,
+    vocab_size,
+)
+from .plan_params import rank_params as rank_params
 
-BYTE_VOCAB = 259  # mtp_dist.tokenizers.byte.ByteTokenizer: 256 bytes + BOS, EOS, PAD
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
@@ -102,133 +114,9 @@ def check_layout(cfg: RunConfig, lay: Layout) -> str | None:
         return f"pipeline {lay.pipeline} > {m.trunk_layers + 2} pipeline layers"
     if lay.sequence_parallel and (t == 1 or cfg.data.seq_len % t or lay.head > 1):
         return "sequence parallelism needs tensor > 1, seq_len divisible by it, head = 1"
+    if m.tie_embeddings and (lay.pipeline > 1 or lay.head > 1):
+        return "tied embeddings need pipeline 1 and head 1"  # config.validate's rule
     return None
-
-
-def vocab_size(cfg: RunConfig) -> int:
-    """model.vocab_size, or what the tokenizer will give it (0 means 'from the tokenizer')."""
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    return BYTE_VOCAB if cfg.data.tokenizer == "bytes" else cfg.data.sp_vocab_size
-
-
-# ---------------------------------------------------------------- parameters per rank
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParamCounts:
-    """Parameters of the whole model by part, and what the worst rank holds."""
-
-    embed: int
-    trunk_layer: int
-    head_layer: int
-    unembed: int
-    total: int
-    largest_layer: int
-    """Largest single module's parameters (the unembedding or embedding, usually): what
-    ZeRO-3 gathers whole at once (DeepSpeed's `largest_layer_params`)."""
-
-
-def param_counts(cfg: RunConfig) -> ParamCounts:
-    from .model import parameter_table  # torch import: only when a plan is made
-
-    table = parameter_table(dataclasses.replace(cfg.model, vocab_size=vocab_size(cfg)))
-    by: dict[tuple[str, int | None], int] = {}
-    for spec in table.values():
-        key = (spec.owner.kind, spec.owner.index)
-        by[key] = by.get(key, 0) + math.prod(spec.shape)
-    trunk = [v for (k, _), v in by.items() if k == "trunk"]
-    heads = [v for (k, _), v in by.items() if k == "head"]
-    return ParamCounts(
-        embed=by[("embed", None)],
-        trunk_layer=trunk[0] if trunk else 0,
-        head_layer=heads[0],
-        unembed=by[("unembed", None)],
-        total=sum(by.values()),
-        largest_layer=max(by.values()),
-    )
-
-
-def stage_layers(n_trunk: int, pipeline: int) -> list[tuple[bool, int, bool]]:
-    """Per stage: (holds the embedding, trunk layers held, holds the heads). The pipeline is
-    [embedding, trunk layers..., heads] cut uniformly by layer count, as DeepSpeed's
-    `partition_method="uniform"` (`deepspeed.runtime.utils.partition_uniform`) cuts it."""
-    items = n_trunk + 2
-    if items <= pipeline:
-        bounds = [min(p, items) for p in range(pipeline + 1)]
-    else:
-        chunk, residual = divmod(items, pipeline)
-        bounds = [p * chunk + min(p, residual) for p in range(pipeline + 1)]
-    out = []
-    for s in range(pipeline):
-        lo, hi = bounds[s], bounds[s + 1]
-        trunk = max(0, min(hi, items - 1) - max(lo, 1))
-        out.append((lo == 0 < hi, trunk, hi == items > lo))
-    return out
-
-
-def _split(count_split: int, count_replicated: int, t: int) -> int:
-    return count_split // t + count_replicated
-
-
-def rank_params(cfg: RunConfig, lay: Layout, stage: int) -> int:
-    """Parameters one rank of pipeline stage `stage` holds (before ZeRO-3 sharding): its
-    stage's modules, 1/tensor of every tensor-split weight (norms whole), its head group's
-    share of the heads (ceil(n / head)) and the shared unembedding."""
-    m, t = cfg.model, lay.tensor
-    d, f, v, dkv = (
-        m.d_model,
-        m.ffn_width,
-        vocab_size(cfg),
-        m.kv_heads * (m.d_model // m.n_attn_heads),
-    )
-    layer = _split(
-        2 * d * d + 2 * d * dkv + 3 * d * f, 2 * d, t
-    )  # q, o, k, v, gate/up/down; 2 norms
-    embed, trunk, heads = stage_layers(m.trunk_layers, lay.pipeline)[stage]
-    out = trunk * layer
-    if embed:
-        out += v * d // t
-    if heads:
-        per_rank = m.n_future if t > 1 else math.ceil(m.n_future / lay.head)
-        out += per_rank * layer + _split(v * d, d, t)
-    return out
-
-
-# ---------------------------------------------------------------- model states
-
-
-def model_state_bytes(params: int, lay: Layout, bf16: bool, largest: int) -> dict[str, int]:
-    """Weights, gradients, optimizer state (AdamW) of one rank holding `params` parameters.
-
-    One process (LocalEngine): fp32 weights (bf16 is autocast), fp32 gradients, two fp32
-    moments: 4 + 4 + 8 bytes per parameter. DeepSpeed (bytes per parameter, N = data):
-    stage 0: w, w (+4 fp32 gradients under bf16), 8 (+4 fp32 master under bf16);
-    stage 1: w, w + 4/N, 12/N (fp32 master + moments sharded; DeepSpeed keeps an fp32 master
-    partition and an fp32 gradient partition even when w is 4);
-    stage 2: w, (w + 4)/N, 12/N; stage 3: w/N + the largest module gathered with its gradient
-    (2w x largest), 4/N, 12/N. At bf16 (w = 2) stages 2 and 3 are DeepSpeed's estimators:
-    2P + 18P/N and 18P/N + 4 x largest."""
-    if lay.local_engine:
-        return {"weights": 4 * params, "gradients": 4 * params, "optimizer": 8 * params}
-    w, n, z = (2 if bf16 else 4), lay.data, lay.zero_stage
-    if z == 0:
-        extra = 4 * params if bf16 else 0
-        return {
-            "weights": w * params,
-            "gradients": w * params + extra,
-            "optimizer": 8 * params + extra,
-        }
-    opt = 12 * params // n
-    if z == 1:
-        return {"weights": w * params, "gradients": w * params + 4 * params // n, "optimizer": opt}
-    if z == 2:
-        return {"weights": w * params, "gradients": (w + 4) * params // n, "optimizer": opt}
-    return {
-        "weights": w * params // n + 2 * w * largest,
-        "gradients": 4 * params // n,
-        "optimizer": opt,
-    }
 
 
 # ---------------------------------------------------------------- activations
@@ -247,20 +135,22 @@ def layer_activation_elements(cfg: RunConfig, lay: Layout, recompute: str) -> fl
     Counted from the ops of `mtp_dist.model.layers.Block` (each saved tensor once):
     each RMSNorm keeps its input, the normalised x and its output (3d; the first norm's input
     is the layer input), plus one rsqrt per token; attention keeps q and k after rotary
-    (d + dkv), v (dkv), the attention output and its (B, T, d) copy for wo (2d), and SDPA's
-    log-sum-exp (one per head per token: no (T, T) scores, unlike Megatron's unfused count);
+    (dq + dkv, dq = H x head_dim, which an explicit model.head_dim makes differ from d), v
+    (dkv), the attention output and its (B, T, dq) copy for wo (2dq), and SDPA's log-sum-exp
+    (one per head per token: no (T, T) scores, unlike Megatron's unfused count); q/k/v biases
+    save nothing more;
     the SwiGLU MLP keeps gate, SiLU(gate), up and their product (4f). Tensor parallelism
     splits what the column layers make (q, k, v, attention output, the MLP's 4f) by t;
     sequence parallelism splits the norms' share too. `selective` (the MLP recomputed) keeps
     the MLP's input, already one of the norm's 3d; `full` keeps the layer's input only."""
     m, t = cfg.model, lay.tensor
     d, f = m.d_model, m.ffn_width
-    dkv = m.kv_heads * (d // m.n_attn_heads)
+    dq, dkv = m.n_attn_heads * m.attn_head_dim, m.kv_heads * m.attn_head_dim
     sp = t if lay.sequence_parallel else 1
     if recompute == "full":
         return d / sp
     norms = (6 * d + 2) / sp
-    attn = (3 * d + 2 * dkv + m.n_attn_heads) / t
+    attn = (3 * dq + 2 * dkv + m.n_attn_heads) / t
     mlp = 0 if recompute == "selective" else 4 * f / t
     return norms + attn + mlp
 
@@ -278,7 +168,7 @@ def megatron_layer_activation_bytes(
     return s * b * h * (10 + (24 + scores) / t)
 
 
-def heads_elements(cfg: RunConfig, lay: Layout, heads_here: int) -> dict[str, float]:
+def heads_elements(cfg: RunConfig, lay: Layout, graph_heads: int) -> dict[str, float]:
     """Peak elements per token the head loss adds on the last stage, by loss implementation.
 
     Per head: its layer's activations (never recomputed), and for the cross-entropy over the
@@ -286,18 +176,20 @@ def heads_elements(cfg: RunConfig, lay: Layout, heads_here: int) -> dict[str, fl
     log-softmax has run: the unembedding's backward does not need its output) and, in
     backward, the gradients of the log-probabilities and of the logits: 3·V/t per token while
     one head's loss is differentiated (measured: 3.06, torch's allocation events,
-    tests/test_plan.py). sequential: one head at a time (+ h and its gradient buffer, 2d); naive:
-    every head's layer and log-probabilities alive until backward (V/t each), plus the two
-    gradients of the head being differentiated (measured at n = 4: 6.0 = 4 + 2); chunked: the
-    sequential count without the 3·V/t term, which the caller adds over `chunk_tokens`
-    tokens instead of the micro-batch (it does not scale with the micro-batch)."""
+    tests/test_plan.py). sequential: one head at a time (+ h and its gradient buffer, 2d; a
+    frozen trunk wants no gradient of h: d); naive: every head's layer and log-probabilities
+    alive until backward (V/t each), plus the two gradients of the head being differentiated
+    (measured at n = 4: 6.0 = 4 + 2); chunked: the sequential count without the 3·V/t term,
+    which the caller adds over `chunk_tokens` tokens instead of the micro-batch (it does not
+    scale with the micro-batch). `graph_heads`: the rank's heads whose loss is differentiated
+    (a frozen head 1 is only evaluated, without a graph: it keeps nothing)."""
     m, t = cfg.model, lay.tensor
     v = vocab_size(cfg) / t
     layer = layer_activation_elements(cfg, lay, "none")
     if m.loss_impl == "naive":
-        return {"layers": heads_here * layer, "logits": heads_here * v + 2 * v, "h": 0.0}
-    return {"layers": layer, "logits": 0.0 if m.loss_chunk else LOGIT_COPIES * v,
-            "h": 2 * m.d_model}  # fmt: skip
+        return {"layers": graph_heads * layer, "logits": graph_heads * v + 2 * v, "h": 0.0}
+    h = (2 if trunk_trains(cfg) else 1) * m.d_model
+    return {"layers": layer, "logits": 0.0 if m.loss_chunk else LOGIT_COPIES * v, "h": h}
 
 
 DS_REDUCE_BUCKET = 500_000_000
@@ -333,6 +225,8 @@ class RankMemory:
 
     stage: int
     params: int
+    trainable_params: int
+    """Of `params`, those that train (train.freeze): the ones with gradients and optimizer state."""
     weights: int
     gradients: int
     optimizer: int
@@ -341,10 +235,12 @@ class RankMemory:
     in_flight: int
     """Micro-batches whose activations the stage holds at once (1F1B: pipeline - stage)."""
     activations: int
-    """What the stage's trunk layers keep for backward (all micro-batches in flight)."""
+    """What the stage's trunk layers keep for backward (all micro-batches in flight); none when
+    the trunk is frozen (it runs without autograd)."""
     workspace: int
     """The trunk backward's transient: one layer's gradients (a recomputed layer: its
-    re-made activations too). Not alive with the heads' peak, which comes first."""
+    re-made activations too). Not alive with the heads' peak, which comes first. None when the
+    trunk is frozen: it has no backward."""
     heads: int
     buckets: int
     """DeepSpeed's gradient-reduction bucket (`bucket_bytes`), alive through the backward."""
@@ -376,15 +272,18 @@ def plan_layout(
     bf16 = uses_bf16(cfg)
     act_bytes = 2 if bf16 else 8 if cfg.train.precision == "fp64" else 4
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    heads_here = cfg.model.n_future if lay.tensor > 1 else math.ceil(cfg.model.n_future / lay.head)
-    per_layer = layer_activation_elements(cfg, lay, lay.recompute) * tokens * act_bytes
-    full_layer = layer_activation_elements(cfg, lay, "none") * tokens * act_bytes
+    _, graph_heads = head_share(cfg, lay)
+    # A frozen trunk runs without autograd: it keeps nothing and has no backward.
+    keeps = 1 if trunk_trains(cfg) else 0
+    per_layer = keeps * layer_activation_elements(cfg, lay, lay.recompute) * tokens * act_bytes
+    full_layer = keeps * layer_activation_elements(cfg, lay, "none") * tokens * act_bytes
     ranks = []
     for stage, (_, n_layers, has_heads) in enumerate(
         stage_layers(cfg.model.trunk_layers, lay.pipeline)
     ):
-        params = rank_params(cfg, lay, stage)
-        states = model_state_bytes(params, lay, bf16, counts.largest_layer)
+        params, trainable = rank_param_counts(cfg, lay, stage)
+        states = model_state_bytes(params, lay, bf16, counts.largest_layer, trainable,
+                                   counts.largest_trainable)  # fmt: skip
         in_flight = min(lay.pipeline - stage, cfg.train.grad_accum_steps) if lay.pipeline > 1 else 1
         # Backward of a layer makes gradients as large as what it kept; a recomputed layer
         # first re-makes its activations, then their gradients: one or two layers' worth.
@@ -392,14 +291,16 @@ def plan_layout(
         acts = int(per_layer * n_layers * in_flight)
         heads = 0
         if has_heads:
-            h = heads_elements(cfg, lay, heads_here)
+            h = heads_elements(cfg, lay, graph_heads)
             chunk = chunk_tokens(cfg) * LOGIT_COPIES * vocab_size(cfg) / lay.tensor
             # + the unembedding weight's gradient for one head, made before it is accumulated
+            # (none when that matrix is frozen)
             weight_grad = vocab_size(cfg) / lay.tensor * cfg.model.d_model
+            weight_grad *= projection_trains(cfg)
             heads = int((sum(h.values()) * tokens + chunk + weight_grad) * act_bytes)
         # The heads run (forward and backward) before the trunk's backward starts: their peak
         # and the trunk backward's workspace are not alive at once.
-        rank = RankMemory(stage=stage, params=params, **states,
+        rank = RankMemory(stage=stage, params=params, trainable_params=trainable, **states,
                           activations_per_layer=int(per_layer), trunk_layers=n_layers,
                           in_flight=in_flight, activations=acts, workspace=int(workspace),
                           heads=heads, buckets=bucket_bytes(lay, bf16), total=0)  # fmt: skip
@@ -424,23 +325,32 @@ class Hardware:
 
 
 def flops_per_token(cfg: RunConfig, counts: ParamCounts) -> dict[str, float]:
-    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) for the trunk,
-    and n times for the head layers and the unembedding (each head runs its layer and the
-    unembedding on every token), plus attention's QK^T and AV, 12·s·d per layer (non-causal,
-    as Megatron and PaLM count). The embedding lookup is no matmul. `hardware` adds the
-    forward re-run by recompute (selective: the MLP's 3·d·f; full: the whole trunk layer)."""
+    """Training FLOPs per token. A layer's forward: 2 per matmul weight, plus attention's QK^T
+    and AV, 4·s·dq (dq = H x head_dim; non-causal, as Megatron and PaLM count); its backward
+    twice that (the input's gradient and the weights'). The trunk's layers once, the head
+    layers and the unembedding n times (each head runs its layer and the unembedding on every
+    token). The embedding lookup, norms and biases are no matmuls.
+
+    Frozen parts (train.freeze) skip their backward: a frozen trunk runs its forward only (1x,
+    not 3x), so does a frozen head 1; a frozen unembedding (or a tied one under 'trunk') still
+    passes the gradient to the heads that train (2 + 2 per weight, no weight gradient).
+    `hardware` adds the forward re-run by recompute (selective: the MLP's 3·d·f; full: the
+    whole trunk layer); a frozen trunk is not recomputed."""
     m, s = cfg.model, cfg.data.seq_len
-    n, d = m.n_future, m.d_model
-    matmul = m.trunk_layers * (counts.trunk_layer - 2 * d) + n * (counts.head_layer - 2 * d)
-    matmul += n * (counts.unembed - d)
-    attn = 12 * s * d * (m.trunk_layers + n)
-    model = 6 * matmul + attn
+    n, layers = m.n_future, m.trunk_layers
+    forward = 2 * counts.layer_matmul + 4 * s * m.n_attn_heads * m.attn_head_dim
+    graph = n - (cfg.train.freeze == "trunk_and_head1")  # heads whose loss is differentiated
+    trunk = layers * forward * (3 if trunk_trains(cfg) else 1)
+    heads = graph * 3 * forward + (n - graph) * forward
+    u = counts.unembed_matmul
+    unembed = 2 * u * n + 2 * u * graph * (1 + projection_trains(cfg))
+    model = trunk + heads + unembed
     rerun = {
         "none": 0.0,
-        "selective": 2 * 3 * d * m.ffn_width,
-        "full": 2 * (counts.trunk_layer - 2 * d) + 4 * s * d,
-    }[cfg.train.recompute]
-    return {"model": float(model), "hardware": float(model + m.trunk_layers * rerun)}
+        "selective": 2 * 3 * m.d_model * m.ffn_width,
+        "full": forward,
+    }[cfg.train.recompute] * trunk_trains(cfg)
+    return {"model": float(model), "hardware": float(model + layers * rerun)}
 
 
 @dataclass(kw_only=True)
@@ -449,6 +359,10 @@ class Plan:
     hardware: Hardware
     tokens_budget: float
     params_total: int
+    trainable_params: int
+    """Parameters that train under `freeze` (the rest: weights only)."""
+    freeze: str
+    """train.freeze."""
     vocab_size: int
     tokens_per_step: int
     flops_per_token: float
@@ -507,6 +421,8 @@ def make_plan(cfg: RunConfig, hw: Hardware, tokens: float, recipe: str = "") -> 
         hardware=hw,
         tokens_budget=tokens,
         params_total=counts.total,
+        trainable_params=counts.trainable,
+        freeze=cfg.train.freeze,
         vocab_size=vocab_size(cfg),
         tokens_per_step=per_step,
         flops_per_token=fl["model"],

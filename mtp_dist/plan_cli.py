@@ -79,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(to_json(plan)))
         return 0
     own = plan.layout
+    trainable = ""
+    if plan.freeze != "none":  # frozen parameters: weights only, no gradients or optimizer
+        trainable = f" ({plan.trainable_params / 1e9:.3f} B trainable, train.freeze={plan.freeze})"
     print(
-        f"{recipe}: {plan.params_total / 1e9:.3f} B parameters, vocab {plan.vocab_size}, "
-        f"{cfg.model.n_future} heads, layout {own.layout.name()} on {args.gpus} GPUs"
+        f"{recipe}: {plan.params_total / 1e9:.3f} B parameters{trainable}, "
+        f"vocab {plan.vocab_size}, {cfg.model.n_future} heads, layout {own.layout.name()} "
+        f"on {args.gpus} GPUs"
     )
     print(
         f"{'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'backward':>8} "

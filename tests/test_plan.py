@@ -26,19 +26,35 @@ from mtp_dist.plan import (
     rank_params,
     stage_layers,
 )
+from mtp_dist.plan_params import rank_param_counts
 
-SMALL = ["run_dir=x", "model.vocab_size=512", "model.d_model=64", "model.n_attn_heads=2",
-         "model.ffn_hidden=128", "model.n_layers=6", "model.n_future=2", "data.seq_len=32",
-         "model.max_seq_len=64"]
+SMALL = [
+    "run_dir=x",
+    "model.vocab_size=512",
+    "model.d_model=64",
+    "model.n_attn_heads=2",
+    "model.ffn_hidden=128",
+    "model.n_layers=6",
+    "model.n_future=2",
+    "data.seq_len=32",
+    "model.max_seq_len=64",
+]
 
 
 def small(*more: str):
     return load_config(None, [*SMALL, *more])
 
 
+# An imported model's shape: head_dim 16 != d / H = 32 (q and o 32 wide, k and v 16 wide:
+# GQA), q/k/v biases; TIED adds tied embeddings (pipeline 1, head 1 only).
+HF = ["model.head_dim=16", "model.n_kv_heads=1", "model.attn_bias=true"]
+TIED = [*HF, "model.tie_embeddings=true"]
+FREEZE_MODES = ["none", "trunk", "trunk_and_head1"]
+
+
 def test_layer_activations_hand_counted():
     cfg = small()  # d 64, f 128, 2 attention heads, kv = d
-    # norms 6d + 2 rsqrt; attention 3d + 2 dkv + 2 lse; MLP 4f
+    # norms 6d + 2 rsqrt; attention 3 dq + 2 dkv + 2 lse; MLP 4f
     assert layer_activation_elements(cfg, Layout(), "none") == 386 + 322 + 512
     assert layer_activation_elements(cfg, Layout(), "selective") == 386 + 322
     assert layer_activation_elements(cfg, Layout(), "full") == 64
@@ -48,6 +64,8 @@ def test_layer_activations_hand_counted():
     assert layer_activation_elements(cfg, sp, "none") == 193 + 161 + 256
     gqa = small("model.n_kv_heads=1")  # dkv = 32
     assert layer_activation_elements(gqa, Layout(), "none") == 386 + (192 + 64 + 2) + 512
+    hf = small(*HF)  # dq = 2 x 16, dkv = 16: attention 96 + 32 + 2
+    assert layer_activation_elements(hf, Layout(), "none") == 386 + 130 + 512
 
 
 def _saved_bytes(module, *inputs) -> int:
@@ -66,20 +84,21 @@ def _saved_bytes(module, *inputs) -> int:
     return sum(n for ptr, n in saved.items() if ptr not in outside)
 
 
-@pytest.mark.parametrize("kv", [0, 1])
-def test_layer_activations_equal_what_autograd_saves(kv):
+@pytest.mark.parametrize("over", [[], ["model.n_kv_heads=1"], HF])
+def test_layer_activations_equal_what_autograd_saves(over):
     """The plan's per-layer count against torch itself: the tensors a Block saves."""
-    from mtp_dist.model.layers import Block, LocalLayers, rotary_tables
+    from mtp_dist.model.layers import LocalLayers, rotary_tables
+    from mtp_dist.model.transformer import make_block
 
-    cfg = small(f"model.n_kv_heads={kv}")
+    cfg = small(*over)
     m, B, T = cfg.model, 4, 32
-    block = Block(m.d_model, m.n_attn_heads, m.ffn_width, m.norm_eps, LocalLayers(0.02),
-                  m.kv_heads)  # fmt: skip
-    cos, sin = rotary_tables(m.d_model // m.n_attn_heads, T, m.rope_theta)
+    block = make_block(m, LocalLayers(0.02))
+    cos, sin = rotary_tables(m.attn_head_dim, T, m.rope_theta)
     x = torch.randn(B, T, m.d_model, requires_grad=True)
-    assert _saved_bytes(block, x, cos, sin) == layer_activation_elements(
-        cfg, Layout(), "none"
-    ) * B * T * 4
+    assert (
+        _saved_bytes(block, x, cos, sin)
+        == layer_activation_elements(cfg, Layout(), "none") * B * T * 4
+    )
 
 
 def test_heads_logit_copies_measured():
@@ -142,23 +161,124 @@ def test_model_states_agree_with_deepspeed_estimators(gpus):
     assert sum(z3.values()) == want3
 
 
-def test_param_counts_are_the_models():
-    import torch
+@pytest.mark.parametrize("over", [[], HF, TIED], ids=["plain", "hf", "tied"])
+def test_param_counts_are_the_models(over):
+    from mtp_dist.model import MTPModel, parameter_table
 
-    from mtp_dist.model import MTPModel
-
-    cfg = small()
+    cfg = small(*over)
     model = MTPModel(cfg.model)
     want = sum(p.numel() for p in model.parameters())
     assert param_counts(cfg).total == want
+    assert sum(math.prod(p.shape) for p in parameter_table(cfg.model).values()) == want
     assert rank_params(cfg, Layout(), 0) == want
-    assert sum(rank_params(cfg, Layout(pipeline=3, data=1), s) for s in range(3)) == want
-    # tensor 2: every weight halved but the norms (2 per layer, the final one)
+    # tensor 2: every weight (biases too) halved but the norms (2 per layer, the final one)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert rank_params(cfg, Layout(tensor=2), 0) == (want - norms) // 2 + norms
+    if cfg.model.tie_embeddings:  # one V x d matrix, and the layouts that cannot tie refused
+        assert "heads.unembed__proj__weight" not in parameter_table(cfg.model)
+        assert param_counts(cfg).unembed == cfg.model.d_model  # the final norm alone
+        for lay in (Layout(pipeline=2), Layout(head=2)):
+            assert "tied" in plan_layout(cfg, lay, 1e18, param_counts(cfg)).error
+        return
+    assert sum(rank_params(cfg, Layout(pipeline=3, data=1), s) for s in range(3)) == want
     # head 2: one of the two heads' layers per rank
     assert rank_params(cfg, Layout(head=2), 0) == want - param_counts(cfg).head_layer
-    del torch
+
+
+def _frozen_model(cfg):
+    """The real model of `cfg` with train.freeze applied as training applies it."""
+    from mtp_dist.model import MTPModel
+    from mtp_dist.training.freeze import apply_freeze
+
+    model = MTPModel(cfg.model)
+    apply_freeze(model, cfg.model, cfg.train.freeze)
+    return model
+
+
+@pytest.mark.parametrize("over", [HF, TIED], ids=["hf", "tied"])
+@pytest.mark.parametrize("mode", FREEZE_MODES)
+def test_trainable_counts_are_what_requires_grad(over, mode):
+    cfg = small(*over, f"train.freeze={mode}")
+    model = _frozen_model(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    trains = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert param_counts(cfg).trainable == trains
+    assert rank_param_counts(cfg, Layout(), 0) == (total, trains)
+    # tensor 2: what trains is halved but the norms, as what is held
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n and p.requires_grad)
+    assert rank_param_counts(cfg, Layout(tensor=2), 0)[1] == (trains - norms) // 2 + norms
+    if mode == "trunk_and_head1" and not cfg.model.tie_embeddings:
+        # head 2 over n_future 2: the worst rank is head 2's (head 1's rank trains nothing)
+        head = param_counts(cfg).head_layer
+        assert rank_param_counts(cfg, Layout(head=2), 0) == (total - head, head)
+
+
+@pytest.mark.parametrize(
+    "lay,bf16,rate",
+    [
+        (Layout(), True, 4 + 8),  # one process: fp32 gradients and two moments
+        (Layout(data=2), False, 4 + 8),  # ZeRO 0, fp32
+        (Layout(data=2), True, (2 + 4) + (8 + 4)),  # ZeRO 0, bf16: + fp32 gradient, master
+        (Layout(data=2, zero_stage=1), True, 2 + 4 / 2 + 12 / 2),
+        (Layout(data=2, zero_stage=2), True, (2 + 4) / 2 + 12 / 2),
+    ],
+)
+def test_frozen_parameters_have_no_gradient_or_optimizer_bytes(lay, bf16, rate):
+    """Frozen parameters keep their weights; the model states are smaller by exactly their
+    gradient + optimizer bytes (per parameter as in the table of docs/plan.md)."""
+    prec = "train.precision=" + ("bf16" if bf16 else "fp32")
+    none = plan_layout(small(*HF, prec), lay, 1e18, param_counts(small(*HF, prec)))
+    cfg = small(*HF, prec, "train.freeze=trunk_and_head1")
+    counts = param_counts(cfg)
+    frozen = counts.total - counts.trainable
+    a, b = none.ranks[0], plan_layout(cfg, lay, 1e18, counts).ranks[0]
+    assert a.weights == b.weights
+    assert (a.gradients + a.optimizer) - (b.gradients + b.optimizer) == rate * frozen
+    # ZeRO 3: as ZeRO 2 sharded, and the whole gradient it makes is the largest trainable
+    # module's (a head layer), not the embedding's
+    z3 = Layout(data=2, zero_stage=3)
+    a = plan_layout(small(*HF, "train.precision=bf16"), z3, 1e18, param_counts(small(*HF)))
+    cfg = small(*HF, "train.precision=bf16", "train.freeze=trunk_and_head1")
+    b = plan_layout(cfg, z3, 1e18, counts).ranks[0]
+    assert a.ranks[0].weights == b.weights
+    assert counts.largest_trainable == counts.head_layer < counts.largest_layer
+    drop = 16 * frozen // 2 + 2 * (counts.largest_layer - counts.head_layer)
+    assert (a.ranks[0].gradients + a.ranks[0].optimizer) - (b.gradients + b.optimizer) == drop
+
+
+@pytest.mark.parametrize("mode", ["trunk", "trunk_and_head1"])
+def test_frozen_trunk_keeps_no_activations(mode):
+    """Planned: no trunk activations, no trunk backward, at any pipeline stage."""
+    for over, lay in ([HF, Layout(pipeline=2, data=1)], [TIED, Layout(recompute="selective")]):
+        trains = small(*over)
+        ranks = plan_layout(trains, lay, 1e18, param_counts(trains)).ranks
+        assert all(r.activations > 0 for r in ranks if r.trunk_layers)
+        cfg = small(*over, f"train.freeze={mode}")
+        plan = plan_layout(cfg, lay, 1e18, param_counts(cfg))
+        assert all(r.activations == r.workspace == 0 for r in plan.ranks)
+
+
+def test_frozen_trunk_measured():
+    """Measured on the real model: with the trunk frozen, more trunk layers add nothing to the
+    step's peak of live tensors (they keep no activations); training, each adds what the plan
+    says a layer keeps."""
+    from mtp_dist.training.memory import allocated_peak
+
+    torch.set_num_threads(1)
+
+    def peak(layers: int, mode: str) -> int:
+        cfg = small(*HF, f"model.n_layers={layers}", f"train.freeze={mode}")
+        torch.manual_seed(0)
+        model = _frozen_model(cfg)
+        ids = torch.randint(1, 512, (4, 34))
+        step = lambda: model(ids[:, :32], ids[:, 1:]).loss.backward()  # noqa: E731
+        step()
+        return allocated_peak(step)
+
+    layer = layer_activation_elements(small(*HF), Layout(), "none") * 4 * 32 * 4  # fp32
+    assert peak(8, "none") - peak(4, "none") == pytest.approx(4 * layer, rel=0.03)
+    for mode in ("trunk", "trunk_and_head1"):
+        assert peak(8, mode) == peak(4, mode)
 
 
 @pytest.mark.parametrize("items,parts", [(6, 2), (7, 3), (3, 4), (30, 8)])
@@ -174,16 +294,45 @@ def test_stages_cut_as_deepspeed_cuts(items, parts):
         assert trunk == hi - lo - embed - heads
 
 
-def test_flops_count_heads_and_unembedding_n_times():
+@pytest.mark.parametrize("over", [[], HF], ids=["plain", "hf"])
+def test_flops_count_heads_and_unembedding_n_times(over):
     from mtp_dist.model import parameter_table
 
-    cfg = small()
+    cfg = small(*over)
     table = parameter_table(cfg.model)
-    n, s, d = cfg.model.n_future, cfg.data.seq_len, cfg.model.d_model
-    matmul = sum(math.prod(p.shape) * (n if p.owner.kind == "unembed" else 1)
-                 for p in table.values() if p.role != "norm" and p.owner.kind != "embed")
+    n, s = cfg.model.n_future, cfg.data.seq_len
+    dq = cfg.model.n_attn_heads * cfg.model.attn_head_dim  # 64 plain, 32 hf
+    matmul = sum(
+        math.prod(p.shape) * (n if p.owner.kind == "unembed" else 1)
+        for p in table.values()
+        if p.role != "norm" and p.owner.kind != "embed" and not p.name.endswith("bias")
+    )
     layers = cfg.model.trunk_layers + n
-    assert flops_per_token(cfg, param_counts(cfg))["model"] == 6 * matmul + 12 * s * d * layers
+    assert flops_per_token(cfg, param_counts(cfg))["model"] == 6 * matmul + 12 * s * dq * layers
+
+
+@pytest.mark.parametrize("over", [HF, TIED], ids=["hf", "tied"])
+def test_flops_skip_the_backward_of_frozen_parts(over):
+    """A frozen part runs its forward only: the trunk's backward (2x its forward) is saved under
+    both modes; under 'trunk_and_head1' also head 1's layer and unembedding backward, and the
+    unembedding's weight gradient of the heads that train (a tied one: under 'trunk' too). The
+    unembedding's forward is still spent by every head, tied or not."""
+    cfg = small(*over)
+    c, m, s = param_counts(cfg), cfg.model, cfg.data.seq_len
+    n, L, u = m.n_future, m.trunk_layers, m.vocab_size * m.d_model
+    fwd = 2 * c.layer_matmul + 4 * s * m.n_attn_heads * m.attn_head_dim
+    full = flops_per_token(cfg, c)["model"]
+    assert full == 3 * fwd * (L + n) + 6 * u * n  # tied: still 6·V·d per head
+    tied = m.tie_embeddings
+    saved = {
+        "trunk": 2 * fwd * L + (2 * u * n if tied else 0),
+        "trunk_and_head1": 2 * fwd * L + 2 * fwd + 4 * u + 2 * u * (n - 1),
+    }
+    for mode, drop in saved.items():
+        frozen = small(*over, f"train.freeze={mode}", "train.recompute=full")
+        fl = flops_per_token(frozen, param_counts(frozen))
+        assert fl["model"] == full - drop
+        assert fl["hardware"] == fl["model"]  # a frozen trunk is not recomputed
 
 
 def test_pipeline_stage_holds_in_flight_micro_batches():
@@ -198,8 +347,11 @@ def test_pipeline_stage_holds_in_flight_micro_batches():
 
 def test_sequential_chunked_naive_heads_order():
     peaks = {}
-    for name, over in {"naive": ["model.loss_impl=naive"], "sequential": [],
-                       "chunked": ["model.loss_chunk=64"]}.items():
+    for name, over in {
+        "naive": ["model.loss_impl=naive"],
+        "sequential": [],
+        "chunked": ["model.loss_chunk=64"],
+    }.items():
         cfg = small("train.micro_batch_size=8", *over)
         peaks[name] = plan_layout(cfg, Layout(), 1e18, param_counts(cfg)).ranks[0].heads
     assert peaks["chunked"] < peaks["sequential"] < peaks["naive"]
@@ -214,13 +366,54 @@ def test_cli_json_keys():
     out = mtp("code-7b-n4", "--gpus", "64", "--gpu-memory-gb", "80", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
-    for key in ("params_total", "tokens_per_step", "flops_per_token", "step_seconds",
-                "tokens_per_day", "days_to_budget", "layout", "candidates", "hardware"):
+    for key in (
+        "params_total",
+        "trainable_params",
+        "freeze",
+        "tokens_per_step",
+        "flops_per_token",
+        "step_seconds",
+        "tokens_per_day",
+        "days_to_budget",
+        "layout",
+        "candidates",
+        "hardware",
+    ):
         assert key in plan, key
     rank = plan["layout"]["ranks"][0]
     for key in ("weights", "gradients", "optimizer", "activations", "heads", "total"):
         assert rank[key] > 0, key
+    assert plan["trainable_params"] == plan["params_total"]  # train.freeze=none
+    assert rank["trainable_params"] == rank["params"]
     assert plan["layout"]["fits"] is True
+
+
+# Llama-3.2-1B (16 layers, d 2048, 32 / 8 heads of 64, FFN 8192, 128256 tokens, tied) with
+# 3 new heads, only they training: configs/heads-llama-1b.yaml's shape.
+LLAMA_1B = ["model.vocab_size=128256", "model.d_model=2048", "model.n_layers=16",
+            "model.parameter_matched=false", "model.n_future=4", "model.n_attn_heads=32",
+            "model.n_kv_heads=8", "model.head_dim=64", "model.ffn_hidden=8192",
+            "model.tie_embeddings=true", "train.freeze=trunk_and_head1", "train.precision=bf16",
+            "parallel.zero_stage=2"]  # fmt: skip
+
+
+def test_cli_sizes_a_frozen_imported_model():
+    out = mtp("tiny-cpu", *LLAMA_1B, "--gpus", "8", "--gpu-memory-gb", "80", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    # a Llama layer: q, o 2048²; k, v 2048 x 512; SwiGLU 3 x 2048 x 8192; 2 norms
+    layer = 2 * 2048**2 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
+    assert layer == 60_821_504
+    assert plan["params_total"] == 1_235_814_400 + 3 * layer  # Llama-3.2-1B's count + 3 heads
+    assert plan["trainable_params"] == 3 * layer
+    assert plan["freeze"] == "trunk_and_head1"
+    rank = plan["layout"]["ranks"][0]
+    assert rank["trainable_params"] == 3 * layer
+    assert rank["weights"] == 2 * plan["params_total"]  # bf16, every parameter
+    assert rank["gradients"] == 6 * 3 * layer // 8  # ZeRO 2 over 8: the heads' only
+    assert rank["activations"] == 0
+    text = mtp("tiny-cpu", *LLAMA_1B, "--gpus", "8", "--gpu-memory-gb", "80")
+    assert "1.418 B parameters (0.182 B trainable, train.freeze=trunk_and_head1)" in text.stdout
 
 
 def test_cli_reports_a_layout_that_does_not_fit():
