@@ -10,12 +10,16 @@ which an installed package carries as `mtp_dist/recipes` (pyproject.toml maps th
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+import yaml  # omegaconf's own YAML library: its errors are what an unreadable value raises
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -350,6 +354,41 @@ def find_recipe(recipe: str | Path) -> Traversable:
     raise ConfigError(f"recipe {str(recipe)!r}: {why} (shipped recipes: {shipped})")
 
 
+def _schema_type(key: str) -> Any:
+    """The annotated type of a dotted key of RunConfig; None when it names no field (then
+    omegaconf's own error names the key)."""
+    node: Any = RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
+def _override_value(key: str, text: str) -> Any:
+    """The value of `key=text`: read as YAML, unless YAML cannot read it or reads something
+    the key's type cannot hold, and then the text as typed (see load_config)."""
+    try:
+        # from_dotlist reads the value exactly as omegaconf reads a recipe's (1e-3 is a float).
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except yaml.YAMLError:  # `*.py` (an alias), `[1,2` (an unclosed list), `!x` (a tag)
+        value = text
+    kind = _schema_type(key)
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    if optional:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if not text and kind is not None and not optional:
+        # `run_dir=` would otherwise be '' (the current directory) or an empty include list
+        raise ConfigError(f"{key}: no value after '='")
+    if kind is str and not isinstance(value, str) and not (optional and value is None):
+        return text  # run_dir=yes is the directory 'yes', not 'True'
+    if typing.get_origin(kind) is list and not isinstance(value, list):
+        if text.startswith("[") and text.endswith("]"):  # [*.py, *.pyi]: YAML could not read
+            return [item.strip() for item in text[1:-1].split(",") if item.strip()]
+        return [text]  # data.include=*.py includes *.py
+    return value  # anything else: omegaconf checks it against the key's type
+
+
 def load_config(
     recipe: str | Path | None = None,
     overrides: list[str] = (),
@@ -357,7 +396,14 @@ def load_config(
 ) -> RunConfig:
     """Schema <- recipe YAML <- `key=value` overrides, validated. Errors name the key.
     `model_base` replaces the schema's model defaults (`mtp train --init-from`: the
-    checkpoint's model, which the recipe and overrides may still change)."""
+    checkpoint's model, which the recipe and overrides may still change).
+
+    An override's value is read as YAML (`3`, `1e-3`, `true`, `null`, `[a, b]`) unless YAML
+    cannot read it or reads something the key's type cannot hold; then it is the text as
+    typed. So `run_dir=yes` is the directory 'yes', a list key given one value gets a one-item
+    list (`data.include=*.py` is ['*.py']; `[*.py, *.pyi]` is split at its commas), an empty
+    value only clears an optional key (`tracking.uri=`), and a value no reading fits
+    (`model.d_model=abc`, `model.d_model=[1,2`) is a ConfigError naming the key."""
     try:
         merged: DictConfig = OmegaConf.structured(RunConfig)
         if model_base is not None:
@@ -365,11 +411,11 @@ def load_config(
         if recipe is not None:
             with find_recipe(recipe).open() as f:
                 merged = OmegaConf.merge(merged, OmegaConf.load(f))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r}: expected key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            key, eq, text = override.partition("=")
+            if not eq:
+                raise ConfigError(f"override {override!r}: expected key=value")
+            OmegaConf.update(merged, key, _override_value(key, text), merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"{missing[0]}: missing mandatory value")

@@ -227,6 +227,27 @@ def test_recipe_by_name_and_a_bad_name(capsys, tmp_path):
     one_line(err, "recipe 'tiny-gpu'", "tiny-cpu", "byte-n8-cpu")
 
 
+def test_glob_override_is_the_pattern_typed(capsys, tmp_path):
+    """`data.include=*.py` (an alias to PyYAML) includes *.py: here it is what finds no file."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.txt").write_text("not python\n")
+    source, run = f"data.source={tmp_path / 'corpus'}", f"run_dir={tmp_path / 'run'}"
+    code, err = mtp(capsys, "train", "tiny-cpu", run, source, "data.include=*.py")
+    assert code == 2
+    one_line(err, "mtp train: data.source=", "no files matching *.py")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["model.d_model=[1,2", "model.d_model=abc", "run_dir="])
+def test_unreadable_override_values_are_one_line(capsys, tmp_path, override):
+    """What no reading of the value fits is one line naming the key, not PyYAML's traceback."""
+    key = override.partition("=")[0]
+    code, err = mtp(capsys, "train", "tiny-cpu", f"run_dir={tmp_path / 'run'}", override)
+    assert code == 2
+    one_line(err, f"mtp train: {key}: ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_usage_errors_are_one_line(capsys):
     code, err = mtp(capsys, "generate", "--bogus")
     assert code == 2

@@ -38,8 +38,39 @@ def test_overrides_apply():
 
 
 @pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("data.include=*.py", "data.include", ["*.py"]),  # YAML reads `*` as an alias
+        ("data.include=[*.py, *.pyi]", "data.include", ["*.py", "*.pyi"]),
+        ("data.include=['**/*.jsonl']", "data.include", ["**/*.jsonl"]),  # mtp repro's
+        ("data.include=[a, b]", "data.include", ["a", "b"]),
+        ("run_dir=yes", "run_dir", "yes"),  # not 'True'
+        ("run_dir=1e-3", "run_dir", "1e-3"),  # not '0.001'
+        ("run_dir=runs/a: b", "run_dir", "runs/a: b"),  # not a dict
+        ("run_dir=!x", "run_dir", "!x"),  # not a YAML tag
+        ("run_dir='a b'", "run_dir", "a b"),  # YAML quoting still works
+        ("tracking.uri=null", "tracking.uri", None),
+        ("tracking.uri=", "tracking.uri", None),
+        ("train.lr=1e-3", "train.lr", 1e-3),
+        ("parallel.sequence_parallel=false", "parallel.sequence_parallel", False),
+        ("model.rope_scaling={type: llama3}", "model.rope_scaling.type", "llama3"),
+    ],
+)
+def test_override_values_mean_what_was_typed(override, key, expected):
+    """YAML first; the text as typed when YAML cannot read it or reads the wrong type."""
+    cfg = load_config("configs/tiny-cpu.yaml", [override])
+    assert to_flat_dict(cfg)[key] == expected
+
+
+@pytest.mark.parametrize(
     "override, key",
     [
+        (["model.d_model=[1,2"], "model.d_model"),  # YAML cannot read it, nor is it an int
+        (["model.d_model=abc"], "model.d_model"),
+        (["model.d_model=[1, 2]"], "model.d_model"),
+        (["model.d_model="], "model.d_model"),
+        (["run_dir="], "run_dir"),  # '' would be the current directory
+        (["data.include="], "data.include"),
         (["model.not_a_key=1"], "model.not_a_key"),
         (["train.max_steps=lots"], "train.max_steps"),
         (["model.n_future=0"], "model.n_future"),
