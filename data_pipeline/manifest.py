@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
+
+from mtp_dist.files import write_atomic
 
 FORMAT = "mtp_dist.token_windows.v1"
 MANIFEST_NAME = "manifest.json"
@@ -129,11 +130,7 @@ class Manifest:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: readers see the old manifest or the new one, never half of one."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shards and manifest are shared read-only
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json())
         self.location = str(path)
 
     @property

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtp_dist.files import write_atomic
 from mtp_dist.tokenizers import Tokenizer
 
 from .builder import (
@@ -118,11 +118,9 @@ class PartInfo:
 
     def save(self, directory: Path) -> None:
         """Atomically: a reader sees a whole part.json or none."""
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".part-")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(self), indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / PART_JSON)
+        write_atomic(
+            directory / PART_JSON, json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        )
 
 
 def part_range(tasks: Sequence[Task], index: int, count: int, limits: Limits) -> tuple[int, int]:

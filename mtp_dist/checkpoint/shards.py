@@ -17,12 +17,12 @@ table), collects heads and pipeline stages, and writes the single-process `model
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import load_config
+from ..files import copy_file, copy_tree
 from .layout import MARKER, CheckpointError, load_file, resolve_checkpoint
 
 SHARDS_DIR = "model_shards"
@@ -75,11 +75,12 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     state = {k: v.float() for k, v in merge_shards(ckpt).items()}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "model.pt")
-    shutil.copy(ckpt / "config.yaml", out / "config.yaml")
+    # Copies with the umask's modes, not the source's: the run may be a colleague's.
+    copy_file(ckpt / "config.yaml", out / "config.yaml")
     if (ckpt / "tokenizer").is_dir():
-        shutil.copytree(ckpt / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+        copy_tree(ckpt / "tokenizer", out / "tokenizer")
     if (ckpt / "trainer.pt").is_file():
-        shutil.copy(ckpt / "trainer.pt", out / "trainer.pt")
+        copy_file(ckpt / "trainer.pt", out / "trainer.pt")
     meta = json.loads((ckpt / MARKER).read_text()) if (ckpt / MARKER).is_file() else {}
     (out / MARKER).write_text(json.dumps({**meta, "consolidated_from": str(ckpt)}))
     return out

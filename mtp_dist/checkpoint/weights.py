@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, load_config
+from ..files import follow_umask
 from .layout import CheckpointError, check_tokenizer, load_file, resolve_checkpoint
 
 MODEL_FILE = "model.pt"
@@ -80,7 +81,8 @@ def read_weights(path: str | Path) -> CheckpointWeights:
 def atomic_dir(out: str | Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write into, renamed to `out` when the block ends without
     an error (removed when it fails): a reader never finds half an export. `out` must not exist
-    or be empty, so an export never mixes with older files."""
+    or be empty, so an export never mixes with older files. Every file and directory in it ends
+    with the mode the umask gives (mtp_dist/files.py)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; choose a new directory")
@@ -93,6 +95,9 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Not every writer in the block follows the umask (safetensors' save_file makes 0600 files,
+    # a copy keeps its source's mode): the published export is readable as any new file is.
+    follow_umask(tmp)
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.rename(out)
