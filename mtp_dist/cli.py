@@ -60,6 +60,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Version(argparse.Action):
+    """`mtp --version`: asks git only when the option is given, not on every command."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import version_string
+
+        print(version_string())
+        parser.exit(0)
+
+
 def _launch_env():
     from .distributed import LaunchEnv
 
@@ -106,6 +116,9 @@ def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser
         description=__doc__.splitlines()[0],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", nargs=0, action=_Version, help="print the version and git commit, and exit"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a multi-token-prediction model", epilog=EPILOG)

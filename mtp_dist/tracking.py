@@ -3,6 +3,7 @@
 URI precedence: config `tracking.uri` > env MLFLOW_TRACKING_URI > sqlite:///<run_dir>/mlflow.db
 (MLflow 3 refuses the plain file store: "maintenance mode" unless MLFLOW_ALLOW_FILE_STORE=true).
 A resumed run continues its MLflow run: the run id is kept in <run_dir>/mlflow_run_id.
+Every run is tagged `mtp_dist_version` and `git_commit` (mtp_dist/version.py).
 
 Experiments this creates are tagged `mlflow.experimentKind=custom_model_development`, which the
 MLflow 3.17 UI reads as a training experiment ("Training runs"). The UI's "GenAI | Model
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 from .config import RunConfig, to_flat_dict
+from .version import version_tags
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -80,6 +82,8 @@ class MLflowTracker:
             run = mlflow.start_run(run_name=name)
             mlflow.log_params({k: str(v) for k, v in to_flat_dict(cfg).items()})
             id_file.write_text(run.info.run_id)
+        # Set at every start, a resume included: the tags name the code that last trained it.
+        mlflow.set_tags(version_tags())
         self.run_id = run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -118,3 +118,49 @@ def test_user_error_names_resolve():
     for module, names in _USER_ERRORS.items():
         for name in names:
             assert issubclass(getattr(importlib.import_module(module), name), Exception)
+
+
+def test_version_names_the_package_and_its_commit():
+    from importlib import metadata
+
+    root = Path(__file__).parent.parent
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    proc = mtp("--version")
+    assert proc.stdout == f"mtp_dist {metadata.version('mtp_dist')} (git {head or 'unknown'})\n"
+    assert proc.stderr == ""
+
+
+def test_git_commit_is_unknown_outside_its_own_checkout(tmp_path, monkeypatch):
+    """No git repository, or one that is not mtp_dist's (a venv inside a user's project)."""
+    from mtp_dist import version
+
+    outside = tmp_path / "site-packages" / "mtp_dist"
+    outside.mkdir(parents=True)
+    for where in ("not a repository", "another repository"):
+        if where == "another repository":
+            subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+            subprocess.run(
+                ["git", "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-q",
+                 "--allow-empty", "-m", "x"], cwd=tmp_path, check=True,
+            )  # fmt: skip
+        monkeypatch.setattr(version, "PACKAGE_DIR", outside)
+        version.git_commit.cache_clear()
+        assert version.git_commit() == "unknown", where
+    version.git_commit.cache_clear()
+
+
+def test_training_runs_are_tagged_with_version_and_commit(tmp_path):
+    import mlflow
+
+    from mtp_dist.config import load_config
+    from mtp_dist.tracking import MLflowTracker
+    from mtp_dist.version import git_commit, package_version
+
+    cfg = load_config("configs/tiny-cpu.yaml", [f"run_dir={tmp_path}"])
+    tracker = MLflowTracker(cfg)
+    tracker.close()
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id)
+    assert run.data.tags["mtp_dist_version"] == package_version()
+    assert run.data.tags["git_commit"] == git_commit() != ""
