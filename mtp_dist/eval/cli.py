@@ -3,6 +3,10 @@
     mtp eval --checkpoint runs/tiny-cpu --benchmark both --samples 10 --k 1,10
     mtp eval --references --benchmark both      # harness self-test: reference solutions, 1.0
 
+A checkpoint's results go to <run_dir>/eval/ and its MLflow store; the self-test writes nothing
+(it has no run directory, and the current directory is not one) unless --out or --mlflow-uri
+says where.
+
 See docs/eval.md for the protocol and the sandbox.
 """
 
@@ -39,19 +43,35 @@ def _ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def _mlflow_log(uri: str, run_name: str, report: dict, out: Path) -> None:
+def _report_json(report: dict) -> str:
+    return json.dumps(report, indent=1, default=str) + "\n"
+
+
+def _mlflow_log(uri: str, run_name: str, report: dict, name: str, artifacts_dir: Path) -> None:
+    """One MLflow run with the metrics and the JSON report as the artifact `name` (written
+    from memory: the self-test may have no file of it)."""
     import mlflow
 
     from ..tracking import use_mlflow
 
-    use_mlflow(uri, "mtp_dist", out.parent / "mlartifacts")
+    use_mlflow(uri, "mtp_dist", artifacts_dir)
     with mlflow.start_run(run_name=run_name, tags={"kind": "eval"}):
         mlflow.log_params({k: str(v) for k, v in report["config"].items()})
         for bench, result in report["results"].items():
-            for name, value in result.items():
+            for key, value in result.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
-                    mlflow.log_metric(f"{bench}/{name.replace('@', '_at_')}", value)
-        mlflow.log_artifact(str(out))
+                    mlflow.log_metric(f"{bench}/{key.replace('@', '_at_')}", value)
+        mlflow.log_text(_report_json(report), name)
+
+
+def _shown(metrics: dict) -> str:
+    """`problems=3 pass@1=0.3333 ...`: what was computed; a pass@k with fewer than k samples
+    (None in the JSON) is left out rather than printed as None."""
+    return " ".join(
+        f"{k}={round(v, 4) if isinstance(v, float) else v}"
+        for k, v in metrics.items()
+        if v is not None
+    )
 
 
 def _generator(args: argparse.Namespace):
@@ -123,20 +143,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"mtp eval: {bench}: {warning}", file=sys.stderr)
         report["results"][bench] = result["metrics"]
         report["problems"][bench] = result["problems"]
-        shown = {
-            k: (round(v, 4) if isinstance(v, float) else v) for k, v in result["metrics"].items()
-        }
-        print(f"{bench}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        print(f"{bench}: {_shown(result['metrics'])}", flush=True)
+    unsampled = [k for k in cfg.ks if 1 < k and 0 < cfg.samples < k]
+    if unsampled:  # asked for samples, but too few for these k
+        ks = ", ".join(f"pass@{k}" for k in unsampled)
+        print(f"mtp eval: {ks} not computed: needs --samples >= k", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out or (run_dir or Path(".")) / "eval" / f"eval-{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(f"results: {out}")
-    if not args.no_mlflow:
+    if args.references:  # no run directory: only where the user says
+        out = Path(args.out) if args.out else None
+        uri = None if args.no_mlflow else args.mlflow_uri
+    else:
+        out = Path(args.out or run_dir / "eval" / f"eval-{stamp}.json")
         uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        uri = uri or f"sqlite:///{(run_dir or out.parent).resolve() / 'mlflow.db'}"
+        uri = None if args.no_mlflow else uri or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(_report_json(report))
+        print(f"results: {out}")
+    if uri is not None:
         name = "eval-references" if args.references else f"eval-{run_dir.name}-{ckpt.name}"
-        _mlflow_log(uri, name, report, out)
+        # Where a sqlite store's new experiment keeps its artifacts: beside the JSON, or else
+        # beside the database (a server's experiments have their own place).
+        beside = out or Path(uri.removeprefix("sqlite:///"))
+        artifact = out.name if out else f"{name}.json"
+        _mlflow_log(uri, name, report, artifact, beside.parent / "mlartifacts")
         print(f"mlflow: {uri} (experiment mtp_dist, run {name})")
     return 0
 
@@ -168,12 +198,18 @@ def register(subparsers) -> None:
     )
     p.add_argument("--speculative", action="store_true", help="greedy pass self-speculatively")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts decoded together")
-    p.add_argument("--out", help="JSON results file (default <run_dir>/eval/eval-<time>.json)")
+    p.add_argument(
+        "--out",
+        help="JSON results file (default <run_dir>/eval/eval-<time>.json; --references: none)",
+    )
     p.add_argument(
         "--timeout", type=float, default=20.0, help="wall-clock seconds per check (default 20)"
     )
     p.add_argument("--workers", type=int, default=2, help="checks run at the same time")
-    p.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db")
+    p.add_argument(
+        "--mlflow-uri",
+        help="default: $MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db (--references: none)",
+    )
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
