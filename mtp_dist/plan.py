@@ -79,14 +79,25 @@ class Layout:
         return "-".join(parts) + f"-{self.recompute}"
 
 
-def layout_of(cfg: RunConfig, gpus: int) -> Layout:
-    """The layout cfg.parallel asks for on `gpus` ranks (data = what is left)."""
+def layout_misfit(cfg: RunConfig, gpus: int) -> str | None:
+    """Why cfg.parallel's layout cannot use `gpus` ranks (None: it can)."""
     p = cfg.parallel
     model = p.tensor if p.tensor > 1 else p.head
     if gpus % (model * p.pipeline):
-        raise ConfigError(
-            f"--gpus {gpus} is not divisible by model-parallel {model} x pipeline {p.pipeline}"
+        return (
+            f"the recipe's layout (model-parallel {model} x pipeline {p.pipeline}) does not "
+            f"divide {gpus} GPUs"
         )
+    return None
+
+
+def layout_of(cfg: RunConfig, gpus: int) -> Layout:
+    """The layout cfg.parallel asks for on `gpus` ranks (data = what is left)."""
+    misfit = layout_misfit(cfg, gpus)
+    if misfit:
+        raise ConfigError(misfit)
+    p = cfg.parallel
+    model = p.tensor if p.tensor > 1 else p.head
     return Layout(
         tensor=p.tensor,
         pipeline=p.pipeline,
@@ -364,13 +375,17 @@ class Plan:
     freeze: str
     """train.freeze."""
     vocab_size: int
-    tokens_per_step: int
+    tokens_per_step: int | None
     flops_per_token: float
     hardware_flops_per_token: float
-    step_seconds: float
+    step_seconds: float | None
+    """Of the recipe's layout (None without one: `tokens_per_step` needs its data size)."""
     tokens_per_day: float
+    """Per-GPU throughput times the GPUs: the same for every layout."""
     days_to_budget: float
-    layout: LayoutPlan
+    layout: LayoutPlan | None
+    """The recipe's layout, None when it does not divide the GPUs (`layout_misfit`)."""
+    layout_misfit: str | None
     candidates: list[LayoutPlan]
 
 
@@ -403,19 +418,30 @@ def candidate_layouts(cfg: RunConfig, gpus: int) -> list[Layout]:
 
 
 def make_plan(cfg: RunConfig, hw: Hardware, tokens: float, recipe: str = "") -> Plan:
-    """The plan of cfg's own layout on `hw`, and of every candidate layout."""
+    """The plan of cfg's own layout on `hw`, and of every candidate layout. A recipe whose
+    layout does not divide the GPUs is still planned: its candidates are what a user who has
+    that many GPUs chooses from (`layout` None, `layout_misfit` says why)."""
     counts = param_counts(cfg)
     memory = hw.memory_gb * 1e9
-    lay = layout_of(cfg, hw.gpus)
-    own = plan_layout(cfg, lay, memory, counts)
-    if own.error:
-        raise ConfigError(f"layout {lay.name()}: {own.error}")
+    misfit = layout_misfit(cfg, hw.gpus)
+    own = None
+    if misfit is None:
+        own = plan_layout(cfg, layout_of(cfg, hw.gpus), memory, counts)
+        if own.error:
+            raise ConfigError(f"layout {own.layout.name()}: {own.error}")
     cands = [plan_layout(cfg, c, memory, counts) for c in candidate_layouts(cfg, hw.gpus)]
+    cands = [c for c in cands if c.error is None]
+    if own is None and not cands:
+        raise ConfigError(f"{misfit}, and no other layout the model can take does")
     fl = flops_per_token(cfg, counts)
     t = cfg.train
-    per_step = t.micro_batch_size * t.grad_accum_steps * lay.data * cfg.data.seq_len
-    step = per_step * fl["model"] / (hw.gpus * hw.tflops * 1e12 * hw.mfu)
-    per_day = per_step / step * 86400
+    # Tokens per day are the GPUs' FLOP/s over the FLOPs per token, whatever the layout; a step
+    # (how many tokens, how long) needs the recipe's data-parallel size.
+    per_day = hw.gpus * hw.tflops * 1e12 * hw.mfu / fl["model"] * 86400
+    per_step = step = None
+    if own is not None:
+        per_step = t.micro_batch_size * t.grad_accum_steps * own.layout.data * cfg.data.seq_len
+        step = per_step / per_day * 86400
     return Plan(
         recipe=recipe,
         hardware=hw,
@@ -431,7 +457,8 @@ def make_plan(cfg: RunConfig, hw: Hardware, tokens: float, recipe: str = "") -> 
         tokens_per_day=per_day,
         days_to_budget=tokens / per_day,
         layout=own,
-        candidates=[c for c in cands if c.error is None],
+        layout_misfit=misfit,
+        candidates=cands,
     )
 
 
@@ -449,6 +476,6 @@ def to_json(plan: Plan) -> dict:
 
     out = dataclasses.asdict(plan)
     out["hardware"] = dataclasses.asdict(plan.hardware)
-    out["layout"] = lp(plan.layout)
+    out["layout"] = lp(plan.layout) if plan.layout else None
     out["candidates"] = [lp(c) for c in plan.candidates]
     return out

@@ -82,14 +82,44 @@ def run(args: argparse.Namespace) -> int:
     trainable = ""
     if plan.freeze != "none":  # frozen parameters: weights only, no gradients or optimizer
         trainable = f" ({plan.trainable_params / 1e9:.3f} B trainable, train.freeze={plan.freeze})"
+    where = f"layout {own.layout.name()} " if own else ""
     print(
         f"{recipe}: {plan.params_total / 1e9:.3f} B parameters{trainable}, "
-        f"vocab {plan.vocab_size}, {cfg.model.n_future} heads, layout {own.layout.name()} "
-        f"on {args.gpus} GPUs"
+        f"vocab {plan.vocab_size}, {cfg.model.n_future} heads, {where}on {args.gpus} GPUs"
     )
+    if own is None:  # a question about other GPUs than the recipe's: answered by the candidates
+        print(f"{plan.layout_misfit}: the layouts below do")
+    else:
+        _print_ranks(own, args.gpu_memory_gb)
+    step = ""
+    if plan.step_seconds is not None:
+        step = f"step {plan.step_seconds:.3g} s "
+    print(
+        f"FLOPs/token {plan.flops_per_token:.3e} "
+        f"(with recompute {plan.hardware_flops_per_token:.3e}); "
+        f"{step}at MFU {args.mfu:g} x {args.tflops:g} TFLOP/s; "
+        f"{plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.days_to_budget:.3g} days to "
+        f"{args.tokens:.3g} tokens"
+    )
+    by_peak = sorted(plan.candidates, key=lambda c: c.peak_bytes)
+    fitting = [c for c in by_peak if c.fits]
+    if fitting:
+        print(f"{len(fitting)} of {len(plan.candidates)} valid layouts fit; smallest peaks:")
+    else:  # the nearest misses tell how much more memory (or how many more GPUs) it takes
+        print(
+            f"none of {len(plan.candidates)} valid layouts fits {args.gpu_memory_gb:g} GB; "
+            "smallest peaks:"
+        )
+    for c in (fitting or by_peak)[: args.top]:
+        print(f"  {c.layout.name():<34} {c.peak_bytes / 1e9:8.2f} GB")
+    return 0
+
+
+def _print_ranks(own, memory_gb: float) -> None:
+    """The recipe's layout, stage by stage, and whether its worst rank fits."""
     print(
         f"{'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'backward':>8} "
-        f"{'heads':>8} {'buckets':>8} {'total':>8}  GB per rank (of {args.gpu_memory_gb:g}; "
+        f"{'heads':>8} {'buckets':>8} {'total':>8}  GB per rank (of {memory_gb:g}; "
         "total = the rest + the larger of backward and heads)"
     )
     for r in own.ranks:
@@ -99,15 +129,3 @@ def run(args: argparse.Namespace) -> int:
             f"{_gb(r.total)}"
         )
     print(f"fits: {'yes' if own.fits else 'NO'} (peak {own.peak_bytes / 1e9:.2f} GB)")
-    print(
-        f"FLOPs/token {plan.flops_per_token:.3e} "
-        f"(with recompute {plan.hardware_flops_per_token:.3e}); "
-        f"step {plan.step_seconds:.3g} s at MFU {args.mfu:g} x {args.tflops:g} TFLOP/s; "
-        f"{plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.days_to_budget:.3g} days to "
-        f"{args.tokens:.3g} tokens"
-    )
-    fitting = sorted((c for c in plan.candidates if c.fits), key=lambda c: c.peak_bytes)
-    print(f"{len(fitting)} of {len(plan.candidates)} valid layouts fit; smallest peaks:")
-    for c in fitting[: args.top]:
-        print(f"  {c.layout.name():<34} {c.peak_bytes / 1e9:8.2f} GB")
-    return 0

@@ -426,11 +426,55 @@ def test_cli_reports_a_layout_that_does_not_fit():
     assert "fits: NO" in text.stdout
 
 
+def test_cli_gpus_the_recipe_layout_does_not_divide():
+    # code-7b-n4 is tensor 8: on 3 GPUs the question is which layouts 3 GPUs can run
+    args = ["code-7b-n4", "--gpus", "3", "--gpu-memory-gb", "80"]
+    out = mtp(*args)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    misfit = "the recipe's layout (model-parallel 8 x pipeline 1) does not divide 3 GPUs"
+    assert sum(misfit in line for line in lines) == 1, out.stdout
+    listed = [line.split()[0] for line in lines if line.startswith("  tp")]
+    assert listed and all("-dp3-" in name for name in listed), out.stdout
+    assert "fits: " not in out.stdout  # no per-rank table of a layout that cannot run
+    plan = json.loads(mtp(*args, "--json").stdout)
+    assert plan["layout"] is None and plan["layout_misfit"] == misfit
+    assert plan["tokens_per_step"] is None and plan["step_seconds"] is None
+    assert plan["tokens_per_day"] > 0
+    worlds = {c["tensor"] * c["pipeline"] * c["data"] * c["head"] for c in plan["candidates"]}
+    assert worlds == {3}
+    fitting = [c for c in plan["candidates"] if c["fits"]]
+    assert fitting and all(c["peak_bytes"] <= 80e9 for c in fitting)
+    # the same recipe on 8 GPUs: tokens per day are the GPUs', not the layout's
+    eight = json.loads(mtp("code-7b-n4", "--gpus", "8", "--gpu-memory-gb", "80", "--json").stdout)
+    assert math.isclose(eight["tokens_per_day"] / plan["tokens_per_day"], 8 / 3)
+
+
+def test_cli_lists_the_nearest_layouts_when_none_fits():
+    out = mtp("code-7b-n4", "--gpus", "3", "--gpu-memory-gb", "5", "--top", "2")
+    assert out.returncode == 0, out.stderr
+    assert "none of 12 valid layouts fits 5 GB; smallest peaks:" in out.stdout
+    assert len([line for line in out.stdout.splitlines() if line.startswith("  tp")]) == 2
+
+
+def test_no_layout_for_the_gpus_is_one_reason(monkeypatch):
+    # Unreachable with today's candidates (tensor 1, pipeline 1 takes any count): the reason a
+    # future restriction would give.
+    from mtp_dist import plan as planner
+    from mtp_dist.config import ConfigError
+
+    monkeypatch.setattr(planner, "candidate_layouts", lambda cfg, gpus: [])
+    cfg = load_config("code-7b-n4", ["run_dir=x"])
+    hw = planner.Hardware(gpus=3, memory_gb=80, tflops=989, mfu=0.4)
+    with pytest.raises(ConfigError, match=r"does not divide 3 GPUs, and no other layout"):
+        planner.make_plan(cfg, hw, 1e9)
+
+
 @pytest.mark.parametrize(
     "args,words",
     [
         (["tiny-cpu", "--gpus", "0", "--gpu-memory-gb", "8"], "must be > 0"),
-        (["tiny-cpu", "parallel.tensor=2", "--gpus", "3", "--gpu-memory-gb", "8"], "divisible"),
+        (["tiny-cpu", "parallel.tensor=3", "--gpus", "3", "--gpu-memory-gb", "8"], "tensor 3"),
         (["tiny-cpu", "model.nope=1", "--gpus", "2", "--gpu-memory-gb", "8"], "model.nope"),
         (["tiny-cpu", "--gpu-memory-gb", "8"], "--gpus"),
         (["tiny-cpu", "--gpus", "2", "--gpu-memory-gb", "8", "--mfu", "2"], "--mfu"),
