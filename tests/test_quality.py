@@ -19,8 +19,18 @@ import torch
 from toy_models import save_checkpoint, template_code
 
 from mtp_dist.checkpoint import padded_vocab
+from mtp_dist.cli import main
 from mtp_dist.config import ModelConfig
-from mtp_dist.eval.quality import compressor_bits, score_file, select_files, windows
+from mtp_dist.eval.heldout_cli import progress_lines
+from mtp_dist.eval.quality import (
+    HeldOutFile,
+    compressor_bits,
+    evaluate,
+    score_file,
+    select_files,
+    stream_bits,
+    windows,
+)
 from mtp_dist.model import MTPModel
 from mtp_dist.tokenizers import ByteTokenizer
 
@@ -146,6 +156,57 @@ def test_compressor_bits_are_eight_times_compressed_length():
     assert bits["gzip"] / len(data) < 1  # very repetitive: far below 8 bits per byte
 
 
+def test_stream_bits_are_the_same_streams_without_containers():
+    """gzip's container is 18 bytes (10 header + 8 trailer) whatever the input; xz's ~56."""
+    for data in (b"x", TEXT.encode(), TEXT.encode() * 400):
+        whole, streams = compressor_bits(data), stream_bits(data)
+        assert whole["gzip"] - streams["gzip"] == 8 * 18
+        assert 8 * 50 <= whole["xz"] - streams["xz"] <= 8 * 62
+
+
+def test_evaluate_reports_container_share_and_progress():
+    """The compressors' share of container bits, and progress after every file (the CLI turns
+    it into lines); no per-file mean for the compressors (on tiny files it measured headers)."""
+    files = [HeldOutFile(Path("tiny.py"), "x = 1\n"), HeldOutFile(Path("big.py"), TEXT * 400)]
+    calls = []
+    report = evaluate(files, progress=lambda *a: calls.append(a))
+    sizes = [len(f.data) for f in files]
+    assert calls == [(1, sizes[0]), (2, sum(sizes))]
+    gzip_bits = sum(compressor_bits(f.data)["gzip"] for f in files)
+    assert report["gzip_bits_per_byte"] == gzip_bits / sum(sizes)
+    assert report["gzip_container_share"] == pytest.approx(2 * 8 * 18 / gzip_bits)
+    assert not any(key.endswith("file_mean") for key in report if key.startswith(("gzip", "xz")))
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
+    """A line at the start, after a file when `every_s` has passed, and after the last."""
+    report = progress_lines("mtp heldout", 3, 300, every_s=3600)
+    for done in (1, 2, 3):
+        report(done, 100 * done)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "mtp heldout: scoring 3 files, 300 bytes"
+    assert len(lines) == 2 and lines[1].startswith("mtp heldout: scored 3/3 files (100% of")
+    report = progress_lines("quality", 3, 300, every_s=0)
+    for done in (1, 2, 3):
+        report(done, 100 * done)
+    assert len(capsys.readouterr().err.splitlines()) == 4
+
+
+def test_table_labels_container_bits_and_has_no_file_mean(tmp_path, capsys):
+    """On a tiny file gzip / xz exceed 8 bits/byte: their container is most of it. The table
+    says how much, marks the figures, and no longer shows a 'file mean' row."""
+    (tmp_path / "a.py").write_text("x = 1\nprint(x)\n")  # 15 bytes
+    assert main(["heldout", "--compressors-only", "--files", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "file mean" not in out
+    gzip_bpb = compressor_bits(b"x = 1\nprint(x)\n")["gzip"] / 15
+    assert f"| bits/byte, total | — | {gzip_bpb:.3f}* | " in out
+    assert "each file pays their container (18 / ~56 bytes): 51.4% / " in out
+    assert "* over 10% container" in out
+    assert captured.err.splitlines()[0] == "mtp heldout: scoring 1 file, 15 bytes"
+
+
 def test_select_files_sorted_recursive_and_skips(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z.py").write_text("z = 1\n")
@@ -198,7 +259,9 @@ def test_cli_on_toy_checkpoint(tiny, tmp_path, monkeypatch, capsys):
     assert 0 < report["xz_bits_per_byte"] and 0 < report["gzip_bits_per_byte"] < 4
     assert report["bits_per_byte"] > report["gzip_bits_per_byte"]
     assert report["machine"]["torch_threads"] == 1
-    assert "| bits/byte, total |" in out.stdout
+    assert "| bits/byte, total |" in out.stdout and "file mean" not in out.stdout
+    # stderr is a pipe here, as in a Slurm log: progress shows all the same
+    assert "quality: scored 3/3 files (100% of the bytes)" in out.stderr
 
     # The error paths in-process (a subprocess each would double the test's time).
     bad = run_main(monkeypatch, capsys, "--checkpoint", str(tmp_path / "run"), "--context", "65")
