@@ -310,6 +310,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.tie_embeddings:
         need(p.pipeline == 1, "model.tie_embeddings", "is not supported with parallel.pipeline > 1")
         need(p.head == 1, "model.tie_embeddings", "is not supported with parallel.head > 1")
+    # A head-parallel rank holding head 1 alone trains nothing under 'trunk_and_head1'; it gets
+    # placeholder parameters (training/freeze.py add_anchor), which ZeRO-3 does not run with:
+    # it wants every rank to fetch the same modules in the same order, and that rank's
+    # backward enters none.
+    need(
+        not (t.freeze == "trunk_and_head1" and p.head > 1 and p.zero_stage == 3)
+        or m.n_future // p.head != 1,
+        "train.freeze",
+        f"trunk_and_head1 leaves the rank of head 1 (parallel.head={p.head}, model.n_future="
+        f"{m.n_future}) nothing to train, which ZeRO-3 does not support: use "
+        "parallel.zero_stage <= 2, or parallel.head <= n_future / 2",
+    )
     for key in ("tensor", "pipeline", "head"):
         need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")

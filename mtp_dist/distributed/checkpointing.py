@@ -38,19 +38,37 @@ def _layout(engine) -> dict:
 
 def full_params(engine) -> dict[str, torch.Tensor]:
     """This rank's parameters, gathered over data parallelism (a collective over the dp group:
-    ZeRO keeps fp32 master weights partitioned), keyed by MTPModel name; shards stay shards."""
+    ZeRO keeps fp32 master weights partitioned), keyed by MTPModel name; shards stay shards.
+    Frozen parameters (`train.freeze`) have no master weights: their own values, which ZeRO-3
+    still partitions (it gathers them for the forward like any weight), gathered whole here."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    partitioned = []
     for name, param in engine.named_parameters():
         value = safe_get_full_fp32_param(param)
+        if value is None and hasattr(param, "ds_id"):
+            partitioned.append((name, param))
+            out[name] = None  # filled below, in the model's order
+            continue
         out[name] = (param.data if value is None else value).cpu().clone()
+    if partitioned:
+        with deepspeed.zero.GatheredParameters([p for _, p in partitioned]):
+            for name, param in partitioned:
+                out[name] = param.data.cpu().clone()
     return out
 
 
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's parameters that have optimizer state (all but the frozen ones)."""
+    return [(n, p) for n, p in engine.named_parameters() if p.requires_grad]
+
+
 def full_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
-    """AdamW moments per parameter, gathered over data parallelism (collective), by MTPModel
-    name: what a resume under another data-parallel size re-partitions."""
+    """AdamW moments per trainable parameter, gathered over data parallelism (collective), by
+    MTPModel name: what a resume under another data-parallel size re-partitions. A frozen
+    parameter has none."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     out: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
@@ -61,7 +79,7 @@ def full_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
         # param group's first step, when the later groups have no state yet (0.19.8): relink.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
-    for name, param in engine.named_parameters():
+    for name, param in _trainable(engine):
         for key in MOMENTS:
             if plain:
                 value = engine.engine.optimizer.state.get(param, {}).get(key)
@@ -152,7 +170,7 @@ def _set_lr_from_scheduler(engine) -> None:
 def _set_master_weights_and_moments(engine, shard: dict) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    for name, param in engine.named_parameters():
+    for name, param in _trainable(engine):  # frozen ones: no master weights, no moments
         device = param.device
         safe_set_full_fp32_param(param, shard["params"][name].to(device))
         if shard["moments"] is not None:

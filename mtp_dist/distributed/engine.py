@@ -32,6 +32,7 @@ from ..training.engine import (
     param_groups,
     uses_bf16,
 )
+from ..training.freeze import add_anchor, apply_freeze, zero_link
 from . import checkpointing
 from .head_parallel import HeadParallel, gather_head_metrics, mark_head_params
 from .pipeline import build_pipeline
@@ -107,9 +108,26 @@ def build_model(
     if initial is None:
         initial = initial_parameters(cfg.model, cfg.train.seed)  # one layer at a time
     load_initial_params(model, initial, table, topo.coord(rank).model, topo.tensor)
+    # Frozen before anything keeps a list of parameters: the gradient hooks below, the pipeline
+    # module and DeepSpeed's optimizer, ZeRO partitions and gradient buffers see only the rest.
+    apply_freeze(model, cfg.model, cfg.train.freeze)
     if sequence_parallel:
         reduce_sequence_parallel_grads(model, tp_group)
     return model
+
+
+def _anchor_loss(model: MTPModel) -> None:
+    """A rank whose part of the model trains nothing (`train.freeze`): placeholder parameters
+    (`add_anchor`) linked into the loss by a forward hook on the model, so DeepSpeed has
+    parameters to optimize and a loss to backpropagate. (Not under ZeRO-3, which config
+    validation refuses for such a rank: ZeRO-3 wants every rank to fetch the same modules in
+    the same order, and this rank's backward enters none.)"""
+    anchors = add_anchor(model)
+
+    def link(module, args, out):
+        return out._replace(loss=zero_link(out.loss, *anchors))
+
+    model.register_forward_hook(link)
 
 
 class DeepSpeedTrainEngine:
@@ -144,6 +162,8 @@ class DeepSpeedTrainEngine:
             mpu = None  # DeepSpeed takes the pipeline grid (same layout, checked in tests)
         else:
             net, mpu = model, MegatronMPU()
+            if not any(p.requires_grad for p in model.parameters()):
+                _anchor_loss(model)  # a head-parallel rank of frozen heads only
         self.engine, _, _, _ = deepspeed.initialize(
             model=net,
             model_parameters=param_groups(net, cfg.train.weight_decay),
@@ -157,8 +177,9 @@ class DeepSpeedTrainEngine:
 
     # -- names -----------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """This rank's parameters under their canonical names (whatever module holds them)."""
-        return [(self._names[p], p) for p in self.engine.module.parameters()]
+        """This rank's parameters under their canonical names (whatever module holds them);
+        not a frozen rank's placeholder (`add_anchor`), which is no part of the model."""
+        return [(self._names[p], p) for p in self.engine.module.parameters() if p in self._names]
 
     @staticmethod
     def is_sharded(param: torch.nn.Parameter) -> bool:

@@ -11,6 +11,16 @@ parallelism inside each stage, DeepSpeed pipeline, ZeRO-1), which runs on CPU/gl
 The heads, final norm and shared unembedding live on the last stage; the loss function is the
 model's own sequential head loss, so the last stage backpropagates its heads one at a time and
 sends one trunk-output gradient upstream.
+
+Frozen layers (`train.freeze`): DeepSpeed's schedule runs a backward on every stage and sends a
+gradient for every activation it received (it marks each one requires_grad and asserts that
+its .grad exists). When nothing before a stage trains, that gradient is never used, so the
+stage cuts its input (`StageLink`): its layers run on a detached copy (a frozen trunk layer
+then builds no graph and keeps no activations, as in MTPModel.forward), and a zero gradient is
+linked back to the received tensor through the loss (last stage) or the stage's output
+(earlier stages): that is what DeepSpeed sends. A stage that trains nothing (under either
+mode, every stage before the last) holds placeholder parameters linked the same way
+(`add_anchor`): DeepSpeed's optimizer and backward call need some.
 """
 
 from __future__ import annotations
@@ -19,18 +29,57 @@ import torch
 from torch import nn
 
 from ..model import LossOutput, MTPModel
+from ..training.freeze import add_anchor, zero_link
 
 
-class EmbedStage(nn.Module):
+class StageLink:
+    """This rank's stage, when something is frozen (`mark_frozen`); shared by its first layer,
+    its last layer and the loss. `cut`: the first layer, when nothing before the stage trains,
+    detaches the received activation and keeps it. `link`: the last layer's output (or the
+    loss, on the last stage) gets zero gradients for the received activation and for the
+    stage's placeholder parameters, if it has them."""
+
+    def __init__(self, cuts: bool, anchors: tuple[torch.nn.Parameter, ...]) -> None:
+        self.cuts, self.anchors = cuts, anchors
+        self.received: torch.Tensor | None = None
+
+    def cut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuts and torch.is_grad_enabled() and x.requires_grad:  # a received activation
+            self.received, x = x, x.detach()
+        return x
+
+    def link(self, y: torch.Tensor) -> torch.Tensor:
+        received, self.received = self.received, None
+        return zero_link(y, *([] if received is None else [received]), *self.anchors)
+
+
+class _Layer(nn.Module):
+    """A pipeline layer; `first` / `last` are set on this rank's first and last layer when
+    something is frozen (`mark_frozen`)."""
+
+    first: StageLink | None = None
+    last: StageLink | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first is not None:
+            x = self.first.cut(x)
+        y = self.run(x)
+        return y if self.last is None else self.last.link(y)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EmbedStage(_Layer):
     def __init__(self, embed: nn.Module) -> None:
         super().__init__()
         self.embed = embed
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)  # (B, T, d)
 
 
-class _Rotary(nn.Module):
+class _Rotary(_Layer):
     """Rotary tables for the full sequence. `sequence_shards` > 1 under sequence parallelism,
     where the activations between stages hold 1/sequence_shards of the sequence."""
 
@@ -50,7 +99,7 @@ class TrunkStage(_Rotary):
         super().__init__(model, sequence_shards)
         self.block = block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x, *self.tables(x.shape[1]))
 
 
@@ -61,7 +110,7 @@ class HeadStage(_Rotary):
         super().__init__(model, sequence_shards)
         self.heads = model.heads
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def run(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
 
@@ -72,11 +121,13 @@ class HeadLoss:
     def __init__(self, stage: HeadStage) -> None:
         self.stage = stage
         self.outputs: list[LossOutput] = []
+        self.link: StageLink | None = None  # the last stage's, when something is frozen
 
     def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = self.stage.heads(h, labels, *self.stage.tables(h.shape[1]))
         self.outputs.append(out)
-        return out.loss
+        # Linked here, not to h: a frozen trunk output needs no gradient from the heads.
+        return out.loss if self.link is None else self.link.link(out.loss)
 
 
 def pipeline_layers(model: MTPModel, sequence_shards: int = 1) -> tuple[list[nn.Module], HeadLoss]:
@@ -84,6 +135,31 @@ def pipeline_layers(model: MTPModel, sequence_shards: int = 1) -> tuple[list[nn.
     stages += [TrunkStage(block, model, sequence_shards) for block in model.trunk]
     head = HeadStage(model, sequence_shards)
     return stages + [head], HeadLoss(head)
+
+
+def _trains(layers: list[_Layer]) -> bool:
+    return any(p.requires_grad for layer in layers for p in layer.parameters())
+
+
+def mark_frozen(layers: list[_Layer], loss: HeadLoss, start: int, stop: int) -> StageLink | None:
+    """This rank's stage is layers [start, stop). If no layer before it trains, its first layer
+    cuts the received activation; if none of its own trains, its last layer gets placeholder
+    parameters; either is linked back by the last layer (the loss on the last stage). Every
+    rank built every layer (the PipelineModule keeps its own), so all of them can be read.
+    With nothing frozen nothing changes."""
+    if all(p.requires_grad for layer in layers for p in layer.parameters()):
+        return None
+    cuts = not _trains(layers[:start])
+    own = _trains(layers[start:stop])
+    if own and not cuts:
+        return None
+    link = StageLink(cuts, () if own else add_anchor(layers[stop - 1]))
+    layers[start].first = link
+    if stop == len(layers):
+        loss.link = link
+    else:
+        layers[stop - 1].last = link
+    return link
 
 
 def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 1):
@@ -99,4 +175,6 @@ def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 
         base_seed=seed,
         activation_checkpoint_interval=0,
     )
+    # This rank's layer range (DeepSpeed 0.19.8 keeps it in these attributes).
+    mark_frozen(layers, loss, module._local_start, module._local_stop)
     return module, loss

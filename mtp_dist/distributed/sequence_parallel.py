@@ -158,7 +158,8 @@ def reduce_sequence_parallel_grads(model: nn.Module, group) -> int:
     """Sum the gradients of sequence-parallel norm weights over the tensor-parallel group as
     they are produced: a hook on the parameter, so it runs inside the one backward call, before
     DeepSpeed's gradient hooks see the gradient. Every rank of the group runs the same graph, so
-    the hooks' collectives line up. Returns how many parameters were hooked."""
+    the hooks' collectives line up. A frozen norm (`train.freeze`) has no gradient and gets no
+    hook (torch refuses a hook on a tensor that requires none). Returns how many were hooked."""
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -167,7 +168,7 @@ def reduce_sequence_parallel_grads(model: nn.Module, group) -> int:
 
     hooked = 0
     for param in model.parameters():
-        if getattr(param, "sequence_parallel", False):
+        if getattr(param, "sequence_parallel", False) and param.requires_grad:
             param.register_hook(all_reduce)
             hooked += 1
     return hooked

@@ -4,7 +4,8 @@
 is the single-process one (AdamW, warmup + cosine, clipping, accumulation, autocast); the
 distributed layer provides a DeepSpeed-backed engine with the same methods. Each micro-batch gets
 exactly one forward and one backward call (what DeepSpeed engines require). Both engines apply
-`train.recompute` to the model they are given (`apply_recompute`).
+`train.freeze` (`apply_freeze`, before the optimizer exists) and `train.recompute`
+(`apply_recompute`) to the model they are given.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from ..checkpoint import load_file
 from ..config import TrainConfig
 from ..model import MTPModel, split_window
+from .freeze import apply_freeze, trainable_parameters
 
 
 @dataclass
@@ -63,9 +65,11 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; not norms (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """Decay matrices and embeddings; not norms (1-D parameters). Frozen parameters
+    (requires_grad=False, `train.freeze`) are in no group: no optimizer state, no decay."""
+    trainable = trainable_parameters(model)
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -171,6 +175,7 @@ class LocalEngine:
         self.seq_len = seq_len
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device, param_dtype(cfg.precision))
+        self.freeze = apply_freeze(self.model, model.cfg, cfg.freeze)  # before the optimizer
         self.recomputed = apply_recompute(self.model, cfg.recompute)  # modules re-run
         self.autocast = autocast_for(cfg.precision, self.device)
         self.optimizer = torch.optim.AdamW(
@@ -198,7 +203,8 @@ class LocalEngine:
                 return self._skip(outputs, tokens, "non-finite loss")
             (out.loss / len(micro_batches)).backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # Over the trainable parameters only: a frozen one has no gradient and no say in it.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), clip)
         if not torch.isfinite(grad_norm):
             return self._skip(outputs, tokens, "non-finite gradient")
         lr = self.scheduler.get_last_lr()[0]

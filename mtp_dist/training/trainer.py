@@ -29,6 +29,7 @@ from ..model import parameter_table
 from ..tracking import make_tracker
 from .data import check_corpus, make_loaders, prepare_shards, prepare_tokenizer
 from .engine import StepMetrics
+from .freeze import frozen_names
 from .plot import plot_head_losses
 from .runtime import Runtime
 
@@ -294,8 +295,16 @@ class Trainer:
         tracker = make_tracker(self.cfg, rt.is_main)
         # What runs are compared by, beside the config: the model's size (the whole model,
         # whatever this rank holds of it).
-        params = sum(math.prod(s.shape) for s in parameter_table(self.cfg.model).values())
-        tracker.set_tags({"parameters": f"{params:,}", "run_dir": str(self.run_dir.resolve())})
+        table = parameter_table(self.cfg.model)
+        params = sum(math.prod(s.shape) for s in table.values())
+        frozen = frozen_names(self.cfg.model, cfg.freeze)
+        trainable = sum(math.prod(s.shape) for n, s in table.items() if n not in frozen)
+        tags = {"parameters": f"{params:,}", "trainable_parameters": f"{trainable:,}"}
+        tracker.set_tags({**tags, "run_dir": str(self.run_dir.resolve())})
+        self._say(
+            f"parameters: {params:,} ({trainable:,} train, {params - trainable:,} frozen: "
+            f"train.freeze={cfg.freeze})"
+        )
         if rt.is_main:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
         # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.

@@ -27,6 +27,7 @@ from layouts import (  # noqa: E402
     STEPS,
     dp_size,
     free_port,
+    reference_changes,
 )  # fmt: skip
 from reference import DATA, MODEL, TRAIN, make_batches  # noqa: E402
 
@@ -95,10 +96,12 @@ def world1(dist_root, batches, world2) -> dict:
     jobs = []
     for name, source in DP_CHANGE.items():
         par = LAYOUTS[source][1]
+        model, train = map(dict, reference_changes(source))  # e.g. the source's train.freeze
         jobs.append({
             "name": name, "parallel": par, "steps": STEPS, "save_at": SAVE_AT,
             "run_dir": str(dist_root / name), "resume_from": str(dist_root / source / "ckpt"),
-            "train": {"micro_batch_size": TRAIN["micro_batch_size"] * dp_size(source)},
+            "model": model,
+            "train": {**train, "micro_batch_size": TRAIN["micro_batch_size"] * dp_size(source)},
         })  # fmt: skip
     for stage in sorted(set(DP_GROW.values())):  # the checkpoints world2_grow resumes
         jobs.append({

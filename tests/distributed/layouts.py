@@ -27,6 +27,14 @@ LAYOUTS = {
     "tp2_sp": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
     "tp2_pp2_sp": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True, "zero_stage": 1}),
     "tp2_dp2_sp_zero2": (4, {"tensor": 2, "sequence_parallel": True, "zero_stage": 2}),
+    # train.freeze (FREEZE below): layouts of their own, since a frozen trunk is no test of the
+    # trunk's gradients or of recompute, which the layouts above cover
+    "dp2_zero1_freeze": (2, {"zero_stage": 1}),
+    "dp2_zero2_freeze": (2, {"zero_stage": 2}),
+    "dp2_zero3_freeze": (2, {"zero_stage": 3}),
+    "tp2_sp_freeze": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
+    "pp2_freeze": (2, {"pipeline": 2, "zero_stage": 1}),
+    "head2_freeze": (2, {"head": 2, "zero_stage": 1}),
 }
 # Options some layouts train with; each must still give the plain single-process reference.
 # model.loss_chunk: the chunked head cross-entropy under the vocab-parallel loss (tp2), with
@@ -50,8 +58,34 @@ OPTIONS: dict[str, dict] = {
     # against a reference with the same n_kv_heads: with head parallelism, and above with PP + SP
     "tp2_head2": {"model": {"n_kv_heads": 2}},
 }
-MODEL_CHANGING = ("n_kv_heads",)
+# train.freeze, each mode on three layouts, against the reference trained with the same mode.
+# 'trunk': ZeRO-1; tensor + sequence parallel (frozen norms: no gradient hook; the heads' norms
+# and the vocabulary-parallel unembedding train); pipeline (the first stage trains nothing).
+# 'trunk_and_head1' (heads 2..4 train): ZeRO-2 with tied embeddings (configs/heads-llama-1b's
+# combination: the frozen embedding is also the unembedding); ZeRO-3 (frozen and trained
+# tensors in one gathered module); head parallelism with n_future=2 (the rank of head 1 trains
+# nothing at all; the other trains head 2 alone, no shared tensor).
+OPTIONS.update({
+    "dp2_zero1_freeze": {"train": {"freeze": "trunk"}},
+    "tp2_sp_freeze": {"train": {"freeze": "trunk"}},
+    "pp2_freeze": {"train": {"freeze": "trunk"}},
+    "dp2_zero2_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"tie_embeddings": True}},
+    "dp2_zero3_freeze": {"train": {"freeze": "trunk_and_head1"}},
+    "head2_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"n_future": 2}},
+})  # fmt: skip
+FREEZE = {n: o["train"]["freeze"] for n, o in OPTIONS.items() if "freeze" in o.get("train", {})}
+MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings")
 """Options that change the model itself: the layout's reference is built with them."""
+TRAIN_CHANGING = ("freeze",)
+"""Options that change what trains: the layout's reference trains with them."""
+
+
+def reference_changes(name: str) -> tuple[tuple, tuple]:
+    """(model, train) options of layout `name` its single-process reference must share."""
+    options = OPTIONS.get(name, {})
+    model = tuple((k, v) for k, v in options.get("model", {}).items() if k in MODEL_CHANGING)
+    train = tuple((k, v) for k, v in options.get("train", {}).items() if k in TRAIN_CHANGING)
+    return model, train
 
 
 # Resume a dp=2 checkpoint with dp=1 (twice the micro-batch: the same global batch).
@@ -59,6 +93,9 @@ DP_CHANGE = {
     "dp2_zero1_to_dp1": "dp2_zero1",
     "dp2_zero2_to_dp1": "dp2_zero2",
     "dp2_zero3_to_dp1": "dp2_zero3",
+    # frozen parameters: no moments to re-partition, and ZeRO-3's frozen weights come whole
+    "dp2_zero1_freeze_to_dp1": "dp2_zero1_freeze",
+    "dp2_zero3_freeze_to_dp1": "dp2_zero3_freeze",
 }
 # Resume a dp=1 checkpoint (micro-batch doubled) with dp=2: the same global batch, more ranks.
 DP_GROW = {"dp1_zero1_to_dp2": 1, "dp1_zero2_to_dp2": 2, "dp1_zero3_to_dp2": 3}

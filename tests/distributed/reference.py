@@ -29,8 +29,9 @@ def reference(
     params_at: int | None = None,
     model: dict | None = None,
 ) -> dict:
-    """Per-step head losses and grad norms, first-step gradients (before clipping), parameters
-    after `params_at` steps (default: all `steps`); `model`: changes to MODEL."""
+    """Per-step head losses and grad norms, first-step gradients (before clipping) of the
+    parameters that train, parameters at the start and after `params_at` steps (default: all
+    `steps`); `model`: changes to MODEL, `train`: to TRAIN (e.g. train.freeze)."""
     train = {**TRAIN, **(train or {})}
     over = ["run_dir=/tmp/unused"] + [
         f"model.{k}={v}" for k, v in {**MODEL, **(model or {})}.items()
@@ -41,12 +42,14 @@ def reference(
     cfg = load_config(None, over)
     torch.manual_seed(cfg.train.seed)
     engine = LocalEngine(MTPModel(cfg.model), cfg.train, cfg.data.seq_len)
+    initial = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     grads: dict = {}
     clip = torch.nn.utils.clip_grad_norm_
 
     def probe(params, max_norm, *a, **k):
         if not grads:
-            grads.update({n: p.grad.detach().clone() for n, p in engine.model.named_parameters()})
+            named = engine.model.named_parameters()
+            grads.update({n: p.grad.detach().clone() for n, p in named if p.requires_grad})
         return clip(params, max_norm, *a, **k)
 
     torch.nn.utils.clip_grad_norm_ = probe
@@ -59,5 +62,6 @@ def reference(
                 params = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     finally:
         torch.nn.utils.clip_grad_norm_ = clip
+    frozen = {n for n, p in engine.model.named_parameters() if not p.requires_grad}
     return {"losses": [m.head_losses for m in metrics], "norms": [m.grad_norm for m in metrics],
-            "grads": grads, "params": params}  # fmt: skip
+            "grads": grads, "params": params, "initial": initial, "frozen": frozen}  # fmt: skip

@@ -1,5 +1,6 @@
 """Every layout trains like the single-process reference (CPU, gloo, float32), including the
-layouts that train with the chunked head loss or activation recompute (layouts.OPTIONS).
+layouts that train with the chunked head loss, activation recompute or frozen parameters
+(layouts.OPTIONS; a frozen layout's reference is trained with the same train.freeze).
 
 float32, not float64: DeepSpeed's CPU accelerator refuses float64 gradient all-reduce, ZeRO keeps
 float32 master weights, and Megatron's vocab_parallel_cross_entropy computes in float32. Observed
@@ -18,14 +19,15 @@ import torch
 from layouts import (
     DP_CHANGE,
     DP_GROW,
+    FREEZE,
     LAYOUTS,
     MAX_DP,
-    MODEL_CHANGING,
     NAN_CHECK,
     OPTIONS,
     SAVE_AT,
     STEPS,
     dp_size,
+    reference_changes,
 )
 from reference import MODEL, TRAIN, reference
 
@@ -54,13 +56,12 @@ def assert_params_close(got: torch.Tensor, want: torch.Tensor, name: str) -> Non
 
 
 @functools.cache
-def _reference(rows: int, model: tuple = ()) -> dict:
+def _reference(rows: int, model: tuple = (), train: tuple = ()) -> dict:
     from reference import make_batches
 
     data = make_batches(STEPS * TRAIN["grad_accum_steps"], TRAIN["micro_batch_size"] * MAX_DP)
-    return reference(
-        data[:, :rows], STEPS, {"micro_batch_size": rows}, params_at=SAVE_AT, model=dict(model)
-    )
+    train_changes = {"micro_batch_size": rows, **dict(train)}
+    return reference(data[:, :rows], STEPS, train_changes, params_at=SAVE_AT, model=dict(model))
 
 
 def _check(name: str, results: dict) -> dict:
@@ -79,7 +80,8 @@ def _layout_result(name: str, request) -> dict:
 def test_layout_matches_single_process(name: str, request) -> None:
     result = _layout_result(name, request)
     # The layout's options reached its engine (the reference is the plain model, but for the
-    # options that change the model: GQA's narrower k/v projections; their shapes are compared).
+    # options that change the model or what trains: GQA's narrower k/v projections, n_future,
+    # train.freeze; the reference shares those).
     options = OPTIONS.get(name, {})
     mode = options.get("train", {}).get("recompute", "none")
     trunk_layers = MODEL["n_layers"] - MODEL["n_future"]
@@ -87,8 +89,7 @@ def test_layout_matches_single_process(name: str, request) -> None:
         "loss_chunk": options.get("model", {}).get("loss_chunk", 0),
         "recomputed": 0 if mode == "none" else trunk_layers,
     }
-    changes = tuple((k, v) for k, v in options.get("model", {}).items() if k in MODEL_CHANGING)
-    ref = _reference(TRAIN["micro_batch_size"] * dp_size(name), changes)
+    ref = _reference(TRAIN["micro_batch_size"] * dp_size(name), *reference_changes(name))
     # Clipping must be active for the norm check to mean anything.
     assert min(ref["norms"]) > TRAIN["grad_clip"]
     got = torch.tensor(result["losses"], dtype=torch.float64)
@@ -99,12 +100,28 @@ def test_layout_matches_single_process(name: str, request) -> None:
     norms = torch.tensor(result["norms"], dtype=torch.float64)
     torch.testing.assert_close(norms, torch.tensor(ref["norms"], dtype=torch.float64), rtol=1e-4,
                                atol=0)  # fmt: skip
-    assert set(result["grads"]) == set(ref["grads"]), f"{name}: gradient names differ"
+    assert set(result["grads"]) == set(ref["grads"]), f"{name}: gradient names differ"  # trained
     for n, g in ref["grads"].items():
         torch.testing.assert_close(result["grads"][n].float(), g, atol=GRAD_ATOL, rtol=0, msg=n)
     assert set(result["params"]) == set(ref["params"])
     for n, p in ref["params"].items():
         assert_params_close(result["params"][n], p, n)
+
+
+@pytest.mark.parametrize("name", sorted(FREEZE))
+def test_frozen_parameters_stay_as_they_were(name: str, request) -> None:
+    """On every rank: the reference's frozen set is frozen, in no optimizer group, without a
+    gradient, bit-identical after the steps and after a resume into an engine whose frozen
+    values were disturbed; gathered, they are the initial single-process weights, bit for bit."""
+    result = _layout_result(name, request)
+    ref = _reference(TRAIN["micro_batch_size"] * dp_size(name), *reference_changes(name))
+    assert ref["frozen"] and result["frozen"] == sorted(ref["frozen"])
+    assert result["resumed_frozen"] == result["frozen"]
+    for key in ("changed", "in_optimizer", "with_grad"):
+        assert result[key] == [], f"{name}: frozen and {key}: {result[key]}"
+        assert result[f"resumed_{key}"] == [], f"{name}: after resume, frozen and {key}"
+    for n in ref["frozen"]:
+        assert torch.equal(result["params"][n].float(), ref["initial"][n]), n
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -129,7 +146,8 @@ def test_consolidated_checkpoint_is_the_single_process_model(name: str, request)
 @pytest.mark.parametrize("name", sorted(DP_CHANGE))
 def test_resume_with_a_different_data_parallel_size(name: str, world1) -> None:
     result = _check(name, world1)
-    ref = _reference(TRAIN["micro_batch_size"] * dp_size(DP_CHANGE[name]))
+    source = DP_CHANGE[name]
+    ref = _reference(TRAIN["micro_batch_size"] * dp_size(source), *reference_changes(source))
     torch.testing.assert_close(
         torch.tensor(result["resumed"], dtype=torch.float64),
         torch.tensor(ref["losses"][SAVE_AT:], dtype=torch.float64),

@@ -7,8 +7,10 @@ SPEC: {"world": N, "port": P, "out": path, "jobs": [{"name", "parallel": {...}, 
 group serves every layout in the job (megatron-core import and process start-up are the slow
 part), each layout builds its own groups and DeepSpeed engine. Rank 0 writes, per layout: the
 first step's loss and gathered gradients, per-step losses, parameters after the steps (MTPModel
-names, full shapes), the losses after resuming from the step-`save_at` checkpoint, and the
-consolidated checkpoint's parameters.
+names, full shapes), the losses after resuming from the step-`save_at` checkpoint, the
+consolidated checkpoint's parameters, and what became of the frozen parameters (`train.freeze`)
+on every rank: unchanged by the steps, in no optimizer group, without gradients, and restored
+by a resume into an engine whose frozen values were disturbed first.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def gathered(engine, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def local_grads(engine) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients (a frozen one has none, in any ZeRO stage)."""
     from deepspeed.utils import safe_get_full_grad
 
     out = {}
     for name, p in engine.named_parameters():
+        if not p.requires_grad:
+            continue
         g = safe_get_full_grad(p)
         out[name] = torch.zeros_like(p) if g is None else g
     return out
@@ -96,6 +101,49 @@ def capture_first_gradients(engine, into: dict) -> None:
         return take_step(*args, **kwargs)
 
     ds._take_model_step = probe
+
+
+def _stored(param: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank stores of a parameter (ZeRO-3: its partition)."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+def frozen_values(engine) -> dict[str, torch.Tensor]:
+    return {n: _stored(p).clone() for n, p in engine.named_parameters() if not p.requires_grad}
+
+
+def _optimizer_params(engine) -> set[int]:
+    """ids of the parameters DeepSpeed's optimizer (any ZeRO stage) keeps state for."""
+    opt = engine.engine.optimizer
+    for attr in ("bit16_groups", "fp16_groups"):  # ZeRO 1/2; ZeRO 3
+        groups = getattr(opt, attr, None)
+        if groups is not None:
+            return {id(p) for group in groups for p in group}
+    return {id(p) for group in opt.param_groups for p in group["params"]}
+
+
+def frozen_report(engine, start: dict[str, torch.Tensor], key: str) -> dict:
+    """Over all ranks: the frozen names; those whose stored value differs (bitwise) from
+    `start`; those in an optimizer group; those holding a gradient. Keys prefixed by `key`."""
+    named = engine.named_parameters()
+    in_opt = _optimizer_params(engine)
+    mine = {
+        "frozen": {n for n, p in named if not p.requires_grad},
+        "changed": {n for n, p in named if n in start and not torch.equal(_stored(p), start[n])},
+        "in_optimizer": {n for n, p in named if not p.requires_grad and id(p) in in_opt},
+        "with_grad": {n for n, p in named if not p.requires_grad and p.grad is not None},
+    }
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {f"{key}{k}": sorted(set().union(*(r[k] for r in everyone))) for k in mine}
+
+
+def disturb_frozen(engine) -> None:
+    """Move every frozen parameter, so that a resume must restore them to pass."""
+    with torch.no_grad():
+        for _, p in engine.named_parameters():
+            if not p.requires_grad:
+                _stored(p).add_(1.0)
 
 
 def my_rows(batch: torch.Tensor, engine) -> torch.Tensor:
@@ -124,6 +172,7 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
     engine = runtime.build_engine(cfg)
     # What reached the engine of the options the layout asked for (layouts.OPTIONS).
     result["applied"] = {"loss_chunk": cfg.model.loss_chunk, "recomputed": engine.recomputed}
+    start = frozen_values(engine)
     grads: dict = {}
     capture_first_gradients(engine, grads)
     run_dir = Path(job["run_dir"])
@@ -143,11 +192,14 @@ def run_layout(rank: int, world: int, spec: dict, job: dict, batches: torch.Tens
                 (ckpt / "complete.json").write_text("{}")
             result["params"] = gathered(engine, local_params(engine))
     result.update(losses=losses, grads=grads, norms=norms)
+    result.update(frozen_report(engine, start, ""))
     if "params" not in result:
         result["params"] = gathered(engine, local_params(engine))
     if save_at:
         fresh = runtime.build_engine(cfg)
+        disturb_frozen(fresh)
         fresh.load(run_dir / "ckpt")
+        result.update(frozen_report(fresh, start, "resumed_"))
         resumed = []
         for s in range(save_at, steps):
             micro = [my_rows(batches[s * gas + k], fresh) for k in range(gas)]
