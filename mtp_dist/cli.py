@@ -16,6 +16,7 @@ import os
 import sys
 
 from .config import DEFAULT_RECIPE, load_config, recipe_names
+from .threads import apply_thread_defaults
 
 # name: (module whose `register(subparsers)` adds the command, the help `mtp --help` shows).
 # Only the module of the command being run is imported: `mtp --help`, `mtp train` and their
@@ -175,6 +176,7 @@ def _is_user_error(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_thread_defaults()  # before _parse imports a command's module, and torch with it
     args = _parse(sys.argv[1:] if argv is None else list(argv))
     sub = getattr(args, f"{args.command}_command", None)  # `mtp data build`: "data build"
     command = f"{args.command} {sub}" if sub else args.command

@@ -1,0 +1,47 @@
+"""CPU thread defaults that survive a busy machine: OpenMP threads sleep, not spin, when idle.
+
+torch's CPU build runs its parallel ops on GNU OpenMP (libgomp, `torch.__config__.parallel_info()`;
+MKL uses the same pool). By default an idle libgomp thread spins for about 3 ms at every
+barrier before it sleeps. When another process holds one of the cores, the thread that shares
+that core spins for its time slice while its partner waits for it, op after op: on the 2-core
+VM the tiny-cpu training step went from ~0.35 s to 1-16 s (bench/threads.py, docs/benchmarks.md,
+"CPU threads under contention"). With `OMP_WAIT_POLICY=PASSIVE` an idle thread sleeps at once; a
+sleeper that wakes is scheduled promptly next to a CPU hog, so the step stays near its alone
+speed. It costs a wake-up per parallel region when the machine is free (the measured price
+is in docs/benchmarks.md), much less than the collapse it prevents; one thread
+(`OMP_NUM_THREADS=1`) avoids the collapse too but is slower alone.
+
+The thread count is left as it is: torch already takes it from the process's CPU affinity
+(`taskset -c 0 python -c "import torch; print(torch.get_num_threads())"` prints 1), and
+torchrun sets `OMP_NUM_THREADS=1` where several workers share a node.
+
+The rule, applied by `mtp_dist.cli.main` before any command imports torch (libgomp reads its
+environment once, when torch loads it); workers inherit it through the environment (DataLoader
+workers, `mtp repro --jobs` and `mtp data build` spawned processes, torchrun's workers, which
+run `mtp_dist.cli` themselves): a user's own choice always wins, so nothing is set when any
+wait setting of either OpenMP runtime is already in the environment (`OMP_WAIT_POLICY`,
+libgomp's `GOMP_SPINCOUNT`, Intel OpenMP's `KMP_BLOCKTIME` / `KMP_LIBRARY`).
+`OMP_WAIT_POLICY=ACTIVE` brings the old spinning back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+
+DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Any one of these is the user's own wait policy, for libgomp or Intel's OpenMP (whose
+# OMP_WAIT_POLICY=PASSIVE means KMP_BLOCKTIME=0): then none of DEFAULTS is set.
+USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_LIBRARY")
+
+
+def apply_thread_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Set the CPU thread defaults in `environ` (default: this process's environment, which
+    its children inherit) unless the user chose a wait policy; return what was set.
+
+    Effective only before torch is first imported in the process."""
+    environ = os.environ if environ is None else environ
+    if any(key in environ for key in USER_WAIT_SETTINGS):
+        return {}
+    environ.update(DEFAULTS)
+    return dict(DEFAULTS)
