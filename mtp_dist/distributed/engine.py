@@ -162,6 +162,10 @@ class DeepSpeedTrainEngine:
             mpu = None  # DeepSpeed takes the pipeline grid (same layout, checked in tests)
         else:
             net, mpu = model, MegatronMPU()
+            if cfg.model.tie_embeddings and cfg.parallel.zero_stage == 3:
+                # The heads project by the embedding's matrix: ZeRO-3 must gather it around
+                # the heads' forward too, not only the embedding's (size 0 there otherwise).
+                deepspeed.zero.register_external_parameter(model.heads, model.embed.weight)
             if not any(p.requires_grad for p in model.parameters()):
                 _anchor_loss(model)  # a head-parallel rank of frozen heads only
         self.engine, _, _, _ = deepspeed.initialize(

@@ -35,6 +35,8 @@ LAYOUTS = {
     "tp2_sp_freeze": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
     "pp2_freeze": (2, {"pipeline": 2, "zero_stage": 1}),
     "head2_freeze": (2, {"head": 2, "zero_stage": 1}),
+    # tied embeddings under ZeRO-3: the heads project by the embedding's partitioned matrix
+    "dp2_zero3_tied": (2, {"zero_stage": 3}),
 }
 # Options some layouts train with; each must still give the plain single-process reference.
 # model.loss_chunk: the chunked head cross-entropy under the vocab-parallel loss (tp2), with
@@ -62,16 +64,18 @@ OPTIONS: dict[str, dict] = {
 # 'trunk': ZeRO-1; tensor + sequence parallel (frozen norms: no gradient hook; the heads' norms
 # and the vocabulary-parallel unembedding train); pipeline (the first stage trains nothing).
 # 'trunk_and_head1' (heads 2..4 train): ZeRO-2 with tied embeddings (configs/heads-llama-1b's
-# combination: the frozen embedding is also the unembedding); ZeRO-3 (frozen and trained
-# tensors in one gathered module); head parallelism with n_future=2 (the rank of head 1 trains
-# nothing at all; the other trains head 2 alone, no shared tensor).
+# combination: the frozen embedding is also the unembedding); ZeRO-3 with tied embeddings
+# (frozen and trained tensors in one gathered module; the embedding's matrix gathered for the
+# heads, which dp2_zero3_tied also trains); head parallelism with n_future=2 (the rank of head
+# 1 trains nothing at all; the other trains head 2 alone, no shared tensor).
 OPTIONS.update({
     "dp2_zero1_freeze": {"train": {"freeze": "trunk"}},
     "tp2_sp_freeze": {"train": {"freeze": "trunk"}},
     "pp2_freeze": {"train": {"freeze": "trunk"}},
     "dp2_zero2_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"tie_embeddings": True}},
-    "dp2_zero3_freeze": {"train": {"freeze": "trunk_and_head1"}},
+    "dp2_zero3_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"tie_embeddings": True}},
     "head2_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"n_future": 2}},
+    "dp2_zero3_tied": {"model": {"tie_embeddings": True}},
 })  # fmt: skip
 FREEZE = {n: o["train"]["freeze"] for n, o in OPTIONS.items() if "freeze" in o.get("train", {})}
 MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings")
