@@ -37,6 +37,10 @@ LAYOUTS = {
     "head2_freeze": (2, {"head": 2, "zero_stage": 1}),
     # tied embeddings under ZeRO-3: the heads project by the embedding's partitioned matrix
     "dp2_zero3_tied": (2, {"zero_stage": 3}),
+    # what imported models bring (IMPORTED below) under tensor parallelism, with and without
+    # sequence parallelism
+    "tp2_imported": (2, {"tensor": 2, "zero_stage": 1}),
+    "tp2_sp_imported": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
 }
 # Options some layouts train with; each must still give the plain single-process reference.
 # model.loss_chunk: the chunked head cross-entropy under the vocab-parallel loss (tp2), with
@@ -77,8 +81,14 @@ OPTIONS.update({
     "head2_freeze": {"train": {"freeze": "trunk_and_head1"}, "model": {"n_future": 2}},
     "dp2_zero3_tied": {"model": {"tie_embeddings": True}},
 })  # fmt: skip
+# Imported models' options under tensor parallelism: q/k/v biases split with their weights'
+# rows, an explicit head_dim (q is 4 x 12 = 48 wide at d 32: two heads per rank), and the
+# unembedding tied to the vocabulary-parallel embedding (Megatron's tied column projects by the
+# embedding's shard; its two gradients add up on that shard).
+IMPORTED = {"attn_bias": True, "head_dim": 12, "tie_embeddings": True, "n_kv_heads": 2}
+OPTIONS.update({"tp2_imported": {"model": IMPORTED}, "tp2_sp_imported": {"model": IMPORTED}})
 FREEZE = {n: o["train"]["freeze"] for n, o in OPTIONS.items() if "freeze" in o.get("train", {})}
-MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings")
+MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings", "attn_bias", "head_dim")
 """Options that change the model itself: the layout's reference is built with them."""
 TRAIN_CHANGING = ("freeze",)
 """Options that change what trains: the layout's reference trains with them."""
