@@ -16,7 +16,8 @@ loads it. "busy" starts `while True: pass` in another Python, pinned to the last
 for that run only (it also stops by itself after --max-seconds + 120 s, should this script
 die). Runs go alone, busy, alone, busy, ... per round so that machine noise hits all alike;
 a run's step time is the median of its measured steps, a variant's the best of its rounds
-(other jobs on a shared machine only ever slow a run down; the load average is printed). A run stops
+(other jobs on a shared machine only ever slow a run down; the load average is printed); the
+worst round is shown too, as collapse is what this measures. A run stops
 measuring after --max-seconds (at least 3 steps): a collapsed variant is shown, not waited for.
 Prints a table, then one JSON object (last line).
 """
@@ -132,8 +133,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     step_s = {key: min(v) for key, v in steps.items()}
     rows = {}
-    print(f"{'variant':<10}{'torch threads':>14}{'alone step/s':>14}{'busy step/s':>13}"
-          f"{'busy/alone':>12}  settings")  # fmt: skip
+    print(f"{'variant':<10}{'threads':>8}{'alone step/s':>14}{'busy step/s':>13}"
+          f"{'busy/alone':>12}{'worst alone':>13}{'worst busy':>12}  settings")  # fmt: skip
     for name in variants:
         alone, busy = 1 / step_s[(name, "alone")], 1 / step_s[(name, "busy")]
         rows[name] = {
@@ -144,8 +145,9 @@ def main() -> None:
             "ratio_busy_vs_alone": round(busy / alone, 3),
         }
         shown = " ".join(f"{k}={v}" for k, v in settings[name].items()) or "(none)"
-        print(f"{name:<10}{threads[name]:>14}{alone:>14.2f}{busy:>13.2f}"
-              f"{busy / alone:>12.2f}  {shown}")  # fmt: skip
+        worst = {load: 1 / max(steps[(name, load)]) for load in ("alone", "busy")}
+        print(f"{name:<10}{threads[name]:>8}{alone:>14.2f}{busy:>13.2f}{busy / alone:>12.2f}"
+              f"{worst['alone']:>13.2f}{worst['busy']:>12.2f}  {shown}")  # fmt: skip
     ratios = {
         f"ratio_{name}_vs_old_{load}": round(
             rows[name][f"{load}_steps_per_s"] / rows["old"][f"{load}_steps_per_s"], 3

@@ -1,15 +1,16 @@
 """CPU thread defaults that survive a busy machine: OpenMP threads sleep, not spin, when idle.
 
-torch's CPU build runs its parallel ops on GNU OpenMP (libgomp, `torch.__config__.parallel_info()`;
-MKL uses the same pool). By default an idle libgomp thread spins for about 3 ms at every
-barrier before it sleeps. When another process holds one of the cores, the thread that shares
-that core spins for its time slice while its partner waits for it, op after op: on the 2-core
-VM the tiny-cpu training step went from ~0.35 s to 1-16 s (bench/threads.py, docs/benchmarks.md,
-"CPU threads under contention"). With `OMP_WAIT_POLICY=PASSIVE` an idle thread sleeps at once; a
-sleeper that wakes is scheduled promptly next to a CPU hog, so the step stays near its alone
-speed. It costs a wake-up per parallel region when the machine is free (the measured price
-is in docs/benchmarks.md), much less than the collapse it prevents; one thread
-(`OMP_NUM_THREADS=1`) avoids the collapse too but is slower alone.
+torch's CPU build runs its parallel ops on GNU OpenMP (libgomp, see
+`torch.__config__.parallel_info()`; MKL threads through the same libgomp). By default an idle
+libgomp thread spins for about 3 ms at every barrier before it sleeps. When another process
+holds one of the cores, the thread that shares that core spins through its time slices while its
+partner waits for it, op after op: on the 2-core VM the tiny-cpu training step went from ~0.35 s
+alone to 1.1-16 s (bench/threads.py; docs/benchmarks.md, "CPU threads under contention"). With
+`OMP_WAIT_POLICY=PASSIVE` an idle thread sleeps at once (likely why it fares better: the
+scheduler runs a waking sleeper soon, next to a CPU hog), and the step stayed within 0.6-1.5 s
+busy. The price is a wake-up per parallel region when the machine is free: 0.71-0.83x the old
+speed alone (best of 3 rounds). One thread (`OMP_NUM_THREADS=1`) also avoids the worst, but was
+slower alone (0.57x) and no faster busy.
 
 The thread count is left as it is: torch already takes it from the process's CPU affinity
 (`taskset -c 0 python -c "import torch; print(torch.get_num_threads())"` prints 1), and
@@ -21,7 +22,8 @@ workers, `mtp repro --jobs` and `mtp data build` spawned processes, torchrun's w
 run `mtp_dist.cli` themselves): a user's own choice always wins, so nothing is set when any
 wait setting of either OpenMP runtime is already in the environment (`OMP_WAIT_POLICY`,
 libgomp's `GOMP_SPINCOUNT`, Intel OpenMP's `KMP_BLOCKTIME` / `KMP_LIBRARY`).
-`OMP_WAIT_POLICY=ACTIVE` brings the old spinning back.
+`GOMP_SPINCOUNT=300000` (libgomp's own default) brings the old behaviour back, e.g. on a
+machine of one's own; `OMP_WAIT_POLICY=ACTIVE` spins without ever sleeping.
 """
 
 from __future__ import annotations
