@@ -439,7 +439,11 @@ def load_config(
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, headed by a comment naming the code that wrote it (every
+    run's config.yaml and every checkpoint's say which mtp_dist made them)."""
+    from .version import version_string
+
+    return f"# written by {version_string()}\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -100,3 +100,12 @@ def test_missing_recipe_and_missing_run_dir():
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="run_dir"):
         load_config(None)
+
+
+def test_written_configs_name_the_code_that_wrote_them():
+    from mtp_dist.config import to_yaml
+    from mtp_dist.version import version_string
+
+    text = to_yaml(load_config("configs/tiny-cpu.yaml"))
+    assert text.splitlines()[0] == f"# written by {version_string()}"
+    assert "mtp_dist" in text.splitlines()[0] and "(git " in text.splitlines()[0]
