@@ -6,6 +6,8 @@
       -> windows of seq_len + n_future tokens every seq_len tokens -> webdataset tar shards
       -> manifest.json (written last, atomically)
 
+Interrupted (Ctrl-C) or failed, a build leaves no shard behind: only a complete build has any.
+
 Tokenizing happens here; everything from dedup on is `packing.Splitter`, shared with the merge
 of parts (parts.py). Everything after the listing is a pure function of the input bytes and the
 seed, so the output is byte-identical for any number of workers (and of parts).
@@ -19,8 +21,10 @@ import inspect
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import sysconfig
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -61,27 +65,72 @@ _worker_state: tuple[Tokenizer, Limits] | None = None
 
 def _init_worker(tokenizer: Tokenizer, limits: Limits) -> None:
     global _worker_state
+    # Ctrl-C reaches every process of the terminal's foreground group. The parent stops the
+    # build (it terminates the pool and removes the partial output); a worker that took it too
+    # would print a traceback of its own, from wherever it was in the pool's locks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state = (tokenizer, limits)
 
 
-def _run_task(task: Task) -> TaskResult:
+def _run_tasks(tasks: list[Task]) -> list[TaskResult]:
     assert _worker_state is not None
-    return process_task(task, *_worker_state)
+    return [process_task(task, *_worker_state) for task in tasks]
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """While the pool runs: Ctrl-C sets the event instead of raising KeyboardInterrupt wherever
+    the main thread is. Raised inside the pool's own locking (waiting for a result), it has
+    left a lock held and hung the pool's shutdown, or released twice ('release unlocked
+    lock'); `_results` raises it where no lock is held. Off the main thread, or where SIGINT
+    already has another handler, nothing changes."""
+    event = threading.Event()
+    ours = threading.current_thread() is threading.main_thread()
+    ours = ours and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _results(pending, interrupted: threading.Event, poll_s: float = 0.1) -> Iterator[TaskResult]:
+    """The results of `pending` (the pool's lists of results, in order) one by one; after
+    Ctrl-C, KeyboardInterrupt from here within `poll_s`."""
+    while True:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        try:
+            batch = pending.next(timeout=poll_s)
+        except multiprocessing.TimeoutError:
+            continue
+        except StopIteration:
+            return
+        yield from batch
 
 
 @contextmanager
 def tokenized(
     tasks: list[Task], tokenizer: Tokenizer, limits: Limits, workers: int
 ) -> Iterator[Iterable[TaskResult]]:
-    """Task results in task order, computed in `workers` processes (in-process if <= 1)."""
+    """Task results in task order, computed in `workers` processes (in-process if <= 1).
+    Ctrl-C stops the workers quietly (they ignore it; the pool is terminated) and raises
+    KeyboardInterrupt in the caller's loop."""
     if workers <= 1 or len(tasks) <= 1:
         yield (process_task(t, tokenizer, limits) for t in tasks)
         return
     # spawn, not fork: the caller (the trainer) has torch, tqdm's monitor and other threads
     # running, and a forked child can inherit a lock one of them held -- it hung here once.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, limits)) as pool:
-        yield pool.imap(_run_task, tasks, chunksize=max(1, min(16, len(tasks) // (8 * workers))))
+    # Tasks go out in lists, one list per imap item: imap's own chunking returns a generator,
+    # whose next() cannot wait with a timeout.
+    n = max(1, min(16, len(tasks) // (8 * workers)))
+    batches = [tasks[i : i + n] for i in range(0, len(tasks), n)]
+    with _deferred_interrupt() as interrupted:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, limits)) as pool:
+            yield _results(pool.imap(_run_tasks, batches), interrupted)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, unit: str = "B") -> tqdm:
@@ -168,19 +217,25 @@ def build_shards(
     )
     files = bytes_in = 0
     bar = progress_bar(sum(t.size for t in tasks), "data build", progress)
-    with tokenized(tasks, tokenizer, limits, workers) as results:
-        for task, result in zip(tasks, results, strict=True):
-            files += result.files
-            bytes_in += result.bytes_in
-            skips.extend(result.skips)
-            for digest, tokens in result.docs:
-                splitter.add(digest, tokens)
-            bar.update(task.size)
-            bar.set_postfix(files=files, tokens=f"{splitter.tokens / 1e6:.2f}M", refresh=False)
+    try:
+        with tokenized(tasks, tokenizer, limits, workers) as results:
+            for task, result in zip(tasks, results, strict=True):
+                files += result.files
+                bytes_in += result.bytes_in
+                skips.extend(result.skips)
+                for digest, tokens in result.docs:
+                    splitter.add(digest, tokens)
+                bar.update(task.size)
+                bar.set_postfix(files=files, tokens=f"{splitter.tokens / 1e6:.2f}M", refresh=False)
+        splits = splitter.finish()
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) included: the shards so far go
+        bar.close()
+        clear_previous(out)
+        raise
     bar.close()
     manifest = make_manifest(
         splitter,
-        splitter.finish(),
+        splits,
         tokenizer=tokenizer.identity(),
         special_ids=special_ids(tokenizer),
         seq_len=seq_len,

@@ -203,27 +203,35 @@ def build_part(
     skips: list[tuple[str, str, str]] = []
     skip_counts: Counter = Counter()
     bar = progress_bar(sum(t.size for t in mine), f"data build {index}/{count}", progress)
-    with tokenized(mine, tokenizer, limits, workers) as results:
-        for task, result in zip(mine, results, strict=True):
-            files += result.files
-            bytes_in += result.bytes_in
-            skip_counts.update(reason for _, reason, _ in result.skips)
-            skips.extend(result.skips[: MAX_SKIP_EXAMPLES - len(skips)])
-            for digest, tokens in result.docs:
-                # A later copy inside this part is one the merge would drop anyway (it keeps
-                # the first in listing order): dropping it here saves its tokens on disk.
-                if dedup:
-                    key = digest[:DEDUP_KEY_BYTES]
-                    if key in seen:
-                        duplicates += 1
-                        continue
-                    seen.add(key)
-                tokens_out.write(tokens.tobytes())
-                docs_out.write(digest + len(tokens).to_bytes(8, "little"))
-                documents += 1
-                n_tokens += len(tokens)
-            bar.update(task.size)
-            bar.set_postfix(files=files, tokens=f"{n_tokens / 1e6:.2f}M", refresh=False)
+    try:
+        with tokenized(mine, tokenizer, limits, workers) as results:
+            for task, result in zip(mine, results, strict=True):
+                files += result.files
+                bytes_in += result.bytes_in
+                skip_counts.update(reason for _, reason, _ in result.skips)
+                skips.extend(result.skips[: MAX_SKIP_EXAMPLES - len(skips)])
+                for digest, tokens in result.docs:
+                    # A later copy inside this part is one the merge would drop anyway (it keeps
+                    # the first in listing order): dropping it here saves its tokens on disk.
+                    if dedup:
+                        key = digest[:DEDUP_KEY_BYTES]
+                        if key in seen:
+                            duplicates += 1
+                            continue
+                        seen.add(key)
+                    tokens_out.write(tokens.tobytes())
+                    docs_out.write(digest + len(tokens).to_bytes(8, "little"))
+                    documents += 1
+                    n_tokens += len(tokens)
+                bar.update(task.size)
+                bar.set_postfix(files=files, tokens=f"{n_tokens / 1e6:.2f}M", refresh=False)
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) included: no half-written part left
+        bar.close()
+        tokens_out.close()
+        docs_out.close()
+        for name in (TOKENS_BIN, DOCS_BIN):
+            (out / name).unlink(missing_ok=True)
+        raise
     bar.close()
     info = PartInfo(
         part=index,

@@ -339,6 +339,32 @@ def test_rebuild_removes_stale_shards(corpus, tmp_path: Path):
     )
 
 
+class _InterruptedAfter(ByteTokenizer):
+    """A tokenizer during whose `n`-th document Ctrl-C arrives."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+
+    def encode(self, text: str) -> list[int]:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return super().encode(text)
+
+
+def test_an_interrupted_build_leaves_no_shard(corpus, tmp_path: Path):
+    """Stopped half-way, a build takes its shards with it: only a complete build (with its
+    manifest) has any, so nothing half-made is ever read or reused. (tests/test_interrupts.py
+    sends the real signal to a build with worker processes.)"""
+    root, texts = corpus
+    kw = dict(shard_bytes=10_000, val_fraction=0.2, progress=False, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards([root], tmp_path, _InterruptedAfter(len(texts) // 2), SEQ, NF, **kw)
+    assert not list(tmp_path.glob("*.tar")) and not (tmp_path / "manifest.json").exists()
+    assert ensure_shards([root], tmp_path, ByteTokenizer(), SEQ, NF, **kw).build_stats
+
+
 def test_sentencepiece_build_round_trips(corpus, tmp_path: Path):
     root, texts = corpus
     tok = train_sentencepiece([Path(root, r) for r in texts], tmp_path / "tok", vocab_size=500)
