@@ -50,12 +50,13 @@ def tokens_per_forward(run_dir: Path, prompts: int = 16) -> float:
 
 
 def validation(stdout: str) -> list[tuple[int, list[float]]]:
-    """(step, per-head validation loss) from the trainer's 'step K: validation loss per head'."""
+    """(step, per-head validation loss) from the trainer's lines
+    'step K: validation loss per head 4.674 5.302 ...' (3 decimals, as the table shows them)."""
     rows = []
     for line in stdout.splitlines():
-        if ": validation loss per head " in line:
+        if line.startswith("step ") and ": validation loss per head " in line:
             step, losses = line.split(": validation loss per head ")
-            rows.append((int(step.split()[-1]), json.loads(losses)))
+            rows.append((int(step.split()[-1]), [float(x) for x in losses.split()]))
     return rows
 
 

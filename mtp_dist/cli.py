@@ -94,18 +94,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_base = load_config(resolve_checkpoint(args.init_from) / "config.yaml").model
     # before the heavy imports: config errors are quick
     cfg = load_config(recipe, overrides, model_base)
-    from .training import Trainer
+    from .distributed.topology import check_launch
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_launch(cfg, world)  # the layout against the launch, before any process group
+    from .training import Trainer
+    from .training.runtime import check_device
+
+    distributed = world > 1 or args.distributed
+    check_device(cfg, distributed)
     runtime = None
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 or args.distributed:
+    if distributed:
         from .distributed import make_runtime
 
         runtime = make_runtime(cfg, _launch_env())
+    if not args.verbose:
+        from .tracking import quiet_library_logs
+
+        quiet_library_logs()
     try:
-        Trainer(cfg, runtime, resume=args.resume, init_from=args.init_from).fit()
+        trainer = Trainer(cfg, runtime, resume=args.resume, init_from=args.init_from)
+        trainer.fit()
     finally:
         if runtime is not None:
             runtime.close()
+    if trainer.interrupts and trainer.step < trainer.cfg.train.max_steps:
+        # a first Ctrl-C: stopped early with a checkpoint, and still an interruption
+        print(
+            f"mtp train: interrupted at step {trainer.step} (checkpointed; --resume continues)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -136,6 +155,12 @@ def build_parser(load: tuple[str, ...] | None = None) -> argparse.ArgumentParser
         "--init-from",
         metavar="RUN_OR_CKPT",
         help="start a fresh run from this checkpoint's weights and tokenizer (not a resume)",
+    )
+    train.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the INFO lines of MLflow, alembic and DeepSpeed too",
     )
     train.add_argument(
         "--distributed",

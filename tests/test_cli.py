@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -85,6 +87,48 @@ def test_train_then_generate_with_sentencepiece(tmp_path):
     stats = json.loads(fast.stderr.strip().splitlines()[-1])
     assert stats["tokens"] == 12 and stats["finish_reason"] == "length"
     assert stats["tokens_per_forward"] >= 1.0
+
+
+def test_train_ends_with_a_summary_and_keeps_library_logs_quiet(tmp_path):
+    """What a person reads: validation lines and losses at 3 decimals, no raw float list, a
+    summary block last (time, tokens, losses, checkpoint, the commands to run next); MLflow's
+    and alembic's INFO lines only with -v."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for path in sorted((STDLIB / "json").glob("*.py")):
+        (corpus / path.name).write_text(path.read_text())
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    def train(run: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "mtp_dist.cli", "train", "configs/tiny-cpu.yaml", *TINY,
+               f"data.source={corpus}", "data.tokenizer=bytes", "model.n_future=2",
+               "tracking.enabled=true", f"run_dir={run}", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run = tmp_path / "quiet"
+    proc = train(run)
+    lines = proc.stdout.strip().splitlines()
+    val = [line for line in lines if line.startswith("step ")]
+    assert len(val) == 2 and all(
+        re.fullmatch(r"step [24]: validation loss per head \d+\.\d{3} \d+\.\d{3}", v) for v in val
+    ), val
+    summary = lines[lines.index("done: step 4 of 4") :]
+    assert re.fullmatch(r"  time: .*, [\d,]+ tokens/s.*; [\d.]+k? tokens seen", summary[1])
+    pair = r"\d+\.\d{3} \d+\.\d{3}"
+    assert re.fullmatch(rf"  train loss per head \(last 4 steps\): {pair}", summary[2])
+    assert re.fullmatch(rf"  validation loss per head \(step 4\): {pair}", summary[3])
+    assert summary[4:] == [
+        f"  checkpoint: {run}/checkpoints/step_00000004",
+        "next:",
+        f"  mtp generate --checkpoint {run} --prompt 'def add(a, b):' --compare",
+        f"  mtp heldout --checkpoint {run}",
+        f"  mtp export hf {run} OUT_DIR",
+    ]
+    assert not re.search(r"\[-?\d", proc.stdout)  # no raw float list
+    assert "INFO" not in proc.stdout + proc.stderr and "alembic" not in proc.stderr
+    assert "INFO mlflow" in train(tmp_path / "verbose", "-v").stderr
 
 
 def test_lazy_subcommands_show_the_same_help():

@@ -177,7 +177,9 @@ def test_no_corpus_leaves_no_run_dir(capsys, tmp_path, source, tokenizer):
     assert not run.exists()
 
 
-def test_failed_setup_removes_the_run_dir_it_made(capsys, tmp_path):
+def test_failed_setup_keeps_what_was_built(capsys, tmp_path):
+    """A failure after the data work started keeps the shards it completed (and nothing else
+    appears): the rerun reuses them instead of building again."""
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "a.py").write_text("x = 1\n")  # too little for one batch
     run = tmp_path / "new" / "run"
@@ -186,7 +188,81 @@ def test_failed_setup_removes_the_run_dir_it_made(capsys, tmp_path):
     # The shard build ran (its progress and report on stderr) before the reader refused it.
     last = err.strip().splitlines()[-1]
     assert last.startswith("mtp train: ") and "split 'train' has 1 windows" in last
-    assert "Traceback" not in err and not (tmp_path / "new").exists()
+    assert "Traceback" not in err and "data build:" in err
+    assert (run / "data" / "manifest.json").is_file()
+    assert sorted(p.name for p in run.iterdir()) == ["data"]  # no checkpoint, config, metrics
+    code, err = mtp(capsys, *train_args(run, tmp_path / "small"))
+    assert code == 2 and "data build:" not in err  # reused, not rebuilt
+    one_line(err, "mtp train: ", "split 'train' has 1 windows")
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.device=cuda", "train.device=cuda: no CUDA device is available"),
+        ("tracking.uri=notascheme://x", "tracking.uri=notascheme://x: unknown scheme 'notascheme'"),
+        ("tracking.uri={tmp}/mlruns", "refuses the file store"),
+        ("tracking.uri=sqlite:///{tmp}/a-file/mlflow.db", "a-file is not a directory"),
+        ("tracking.uri=http://127.0.0.1:{port}", "the tracking server does not answer"),
+        ("run_dir={tmp}/a-file/run", "run_dir={tmp}/a-file/run: cannot write there"),
+        ("data.shards_dir={tmp}/a-file/data", "data.shards_dir={tmp}/a-file/data: cannot write"),
+        ("parallel.tensor=2", "WORLD_SIZE=1 (one process: launchers/torchrun.sh"),
+    ],
+)
+def test_checked_before_any_work(capsys, tmp_path, corpus, monkeypatch, override, needle):
+    """What can be refused without the tokenizer and the data is refused first: one line, in
+    well under the time of a data build, and no run directory appears."""
+    import time
+
+    if override.startswith("train.device=cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "a-file").write_text("not a directory\n")
+    fill = dict(tmp=tmp_path, port=_closed_port())
+    run = tmp_path / "run"
+    started = time.perf_counter()
+    args = train_args(run, corpus, "tracking.enabled=true", override.format(**fill))
+    code, err = mtp(capsys, *args)
+    assert code == 2
+    one_line(err, "mtp train: ", needle.format(**fill))
+    assert time.perf_counter() - started < 10  # no data build, no tokenizer training
+    assert not run.exists() and not (tmp_path / "a-file" / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "world, overrides, needle",
+    [
+        (2, ["parallel.tensor=4"], "world size 2 is not divisible by model-parallel size 4"),
+        (
+            2,
+            ["parallel.pipeline=2", "parallel.zero_stage=2"],
+            "pipeline engine supports ZeRO stage 0 or 1 only",
+        ),
+        (2, ["parallel.tensor=2", "model.n_attn_heads=1"], "model.n_attn_heads=1 is not divisible"),
+    ],
+)
+def test_layout_is_checked_before_any_process_group(
+    capsys, tmp_path, corpus, monkeypatch, world, overrides, needle
+):
+    """The layout against WORLD_SIZE: refused before the process group and the data work (the
+    ZeRO / pipeline and the model-divisibility checks ran in the engine, after the data)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("MASTER_PORT", str(_closed_port()))  # nobody to meet: it must not try
+    run = tmp_path / "run"
+    bounded = "parallel.timeout_s=20"  # were the check late, rank 0 would wait for rank 1
+    code, err = mtp(capsys, *train_args(run, corpus, *overrides, bounded))
+    assert code == 2
+    one_line(err, f"mtp train: WORLD_SIZE={world}: ", needle)
+    assert not run.exists()
 
 
 # -- generation limits ----------------------------------------------------------------------

@@ -207,11 +207,13 @@ def test_mlflow_run_has_params_metrics_and_artifacts(tmp_path, corpus, monkeypat
 
 def test_trainer_leaves_the_callers_config_and_signal_handlers_alone(tmp_path, corpus):
     """The vocabulary and pad id come from the tokenizer into the trainer's own copy of the
-    config; the SIGTERM / SIGUSR1 handlers that checkpoint-and-exit are only there during fit."""
+    config; the SIGTERM / SIGUSR1 / SIGINT handlers that checkpoint-and-exit are only there
+    during fit."""
     import signal
 
     cfg = tiny_cfg(tmp_path / "run", corpus, "train.max_steps=2")
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    before = {sig: signal.getsignal(sig) for sig in stops}
     trainer = Trainer(cfg)
     assert cfg.model.vocab_size == 0 and cfg.model.pad_id == -1
     assert trainer.cfg.model.vocab_size == ckpt.padded_vocab(trainer.tokenizer.vocab_size)
@@ -226,3 +228,95 @@ def test_trainer_leaves_the_callers_config_and_signal_handlers_alone(tmp_path, c
     trainer.fit()
     assert all(seen[sig] == trainer._request_stop for sig in before)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def _interrupt_at(trainer: Trainer, step: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) during optimizer step `step`, before it is recorded."""
+    real = trainer.engine.train_step
+
+    def step_or_interrupt(micro):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt
+        return real(micro)
+
+    trainer.engine.train_step = step_or_interrupt
+
+
+def test_interrupt_before_the_first_checkpoint_leaves_each_step_once(tmp_path, corpus):
+    """With no checkpoint the resume is a fresh start: the abandoned rows go, all of them (and
+    a row cut short by a kill does not break the file)."""
+    straight = tmp_path / "straight"
+    Trainer(tiny_cfg(straight, corpus)).fit()
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_cfg(run, corpus, "train.ckpt_every=100"))
+    _interrupt_at(trainer, 5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert [s for s, _, _ in losses(run)] == [1, 2, 3, 4] and not ckpt.latest_checkpoint(run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a line a kill cut short
+    Trainer(tiny_cfg(run, corpus, "train.ckpt_every=100"), resume=True).fit()
+    assert losses(run) == losses(straight)
+
+
+def test_resume_says_what_changed_and_keeps_the_previous_config(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_cfg(run, corpus)).fit(stop_after=3)
+    first = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    changed = ("train.ckpt_every=2", "train.eval_batches=1")
+    Trainer(tiny_cfg(run, corpus, *changed), resume=True).fit()
+    out = capsys.readouterr().out
+    assert "config changed since step_00000003:" in out
+    assert "\n  train.eval_batches: 2 -> 1\n  train.ckpt_every: 3 -> 2\n" in out
+    (kept,) = run.glob("config.*.yaml")
+    assert kept.read_text() == first and f"previous one is kept as {kept}" in out
+    assert load_config(run / "config.yaml").train.ckpt_every == 2
+    # Another change: listed against the checkpoint resumed from, the config before kept.
+    Trainer(tiny_cfg(run, corpus, *changed, "train.max_steps=7"), resume=True).fit()
+    out = capsys.readouterr().out
+    assert "train.max_steps: 6 -> 7" in out and "ckpt_every" not in out
+    assert len(list(run.glob("config.*.yaml"))) == 2
+    # The same settings written by another version of the code: nothing listed or kept.
+    (run / "config.yaml").write_text(
+        "# written by mtp_dist 0.0 (git 0000000)\n"
+        + "".join(x + "\n" for x in (run / "config.yaml").read_text().splitlines()[1:])
+    )
+    Trainer(tiny_cfg(run, corpus, *changed, "train.max_steps=7"), resume=True).fit()
+    out = capsys.readouterr().out
+    assert "config changed" not in out and "kept as" not in out
+    assert len(list(run.glob("config.*.yaml"))) == 2
+
+
+def test_a_failed_setup_keeps_the_trained_tokenizer_and_removes_half_made_shards(
+    tmp_path, corpus, monkeypatch, capsys
+):
+    """Interrupted in the data build: the tokenizer it trained stays (the rerun does not train
+    it again), the shards without a manifest go."""
+    import mtp_dist.training.trainer as trainer_module
+
+    run = tmp_path / "new" / "run"
+    cfg = tiny_cfg(run, corpus, "data.tokenizer=sentencepiece", "data.sp_vocab_size=600")
+    prepare = trainer_module.prepare_shards
+
+    def interrupted(cfg, tokenizer, runtime):
+        data = Path(cfg.run_dir) / "data"
+        data.mkdir()
+        (data / "train-000000.tar").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "prepare_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg)
+    assert "training a sentencepiece tokenizer" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["tokenizer"]
+    monkeypatch.setattr(trainer_module, "prepare_shards", prepare)
+    Trainer(cfg).fit()
+    out = capsys.readouterr().out
+    assert "training a sentencepiece tokenizer" not in out and "done: step 6 of 6" in out
+
+    # Nothing completed: nothing is left, not even the directories made for it.
+    monkeypatch.setattr(trainer_module, "prepare_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_cfg(tmp_path / "other" / "run", corpus))
+    assert not (tmp_path / "other").exists()

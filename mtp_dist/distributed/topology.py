@@ -170,6 +170,19 @@ def check_layout(cfg: RunConfig, topo: Topology) -> None:
         )
 
 
+def check_launch(cfg: RunConfig, world_size: int) -> Topology:
+    """The layout against the launch (`mtp train`, before any process group, tokenizer or data
+    work): the world divides into the parallel sizes and they divide the model. The vocabulary
+    is checked again when the engine is built, once the tokenizer has set it."""
+    try:
+        topo = Topology.from_config(cfg.parallel, world_size)
+        check_layout(cfg, topo)
+    except TopologyError as err:
+        one = " (one process: launchers/torchrun.sh starts several)" if world_size == 1 else ""
+        raise TopologyError(f"WORLD_SIZE={world_size}{one}: {err}") from err
+    return topo
+
+
 def build_groups(topo: Topology) -> None:
     """Create the process groups once, through Megatron-core's parallel_state, and check that
     they are the ones this topology describes. Needs torch.distributed initialised."""

@@ -6,13 +6,19 @@ tokenizer files in data.tokenizer_path are used); the corpus is packed into webd
 under data.shards_dir (default <run_dir>/data) by data_pipeline, which reuses an existing build
 of the same input and settings.
 Other ranks wait at a barrier, then load.
+
+What a failed or interrupted setup leaves is what was completed (a trained tokenizer, shards with
+their manifest), for the next attempt to reuse: `remove_unfinished` takes away the rest.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
+from ..tokenizers.base import TOKENIZER_JSON  # written last by a trained tokenizer's save()
+from ..tracking import why_unwritable
 from .runtime import Runtime
 
 
@@ -31,6 +37,44 @@ def check_corpus(cfg: RunConfig) -> None:
 
     sources, exclude = corpus_sources(cfg)
     check_sources(sources, cfg.data.include, exclude, key="data.source")
+
+
+def shards_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data.shards_dir or Path(cfg.run_dir) / "data")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """run_dir and data.shards_dir are (or can be made) directories this process writes in."""
+    for key, path in (("run_dir", Path(cfg.run_dir)), ("data.shards_dir", shards_dir(cfg))):
+        why = why_unwritable(path)
+        if why is not None:
+            raise ConfigError(f"{key}={path}: cannot write there ({why})")
+
+
+def prepared_dirs(cfg: RunConfig) -> dict[Path, str]:
+    """What setup writes: each directory, with the file that marks it complete."""
+    from data_pipeline.manifest import MANIFEST_NAME
+
+    return {Path(cfg.run_dir) / "tokenizer": TOKENIZER_JSON, shards_dir(cfg): MANIFEST_NAME}
+
+
+def remove_unfinished(cfg: RunConfig, new: list[Path]) -> list[Path]:
+    """After a failed setup: of the directories in `new` (made by this attempt), a prepared one
+    without its marker goes (a tokenizer whose training stopped, shards without a manifest),
+    then every one left empty. Returns the complete ones kept, which a rerun reuses."""
+    kept = []
+    for directory, marker in prepared_dirs(cfg).items():
+        if directory in new and directory.is_dir():
+            if (directory / marker).is_file():
+                kept.append(directory)
+            else:
+                shutil.rmtree(directory, ignore_errors=True)
+    for directory in sorted(set(new), key=lambda p: len(p.parts), reverse=True):
+        try:
+            directory.rmdir()  # only if empty
+        except OSError:
+            pass
+    return kept
 
 
 def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
@@ -52,7 +96,7 @@ def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
     if cfg.data.tokenizer == "bytes":
         return ByteTokenizer()
     out = Path(cfg.run_dir) / "tokenizer"
-    if runtime.is_main and not (out / "tokenizer.json").is_file():
+    if runtime.is_main and not (out / TOKENIZER_JSON).is_file():
         sources, exclude = corpus_sources(cfg)
         tasks, _, _ = plan_tasks(sources, cfg.data.include, exclude)
         files = [Path(t.path) for t in tasks if t.kind == "file"]
@@ -71,7 +115,7 @@ def prepare_shards(cfg: RunConfig, tokenizer, runtime: Runtime) -> Path:
     from data_pipeline import ensure_shards
     from data_pipeline.manifest import MANIFEST_NAME
 
-    out = Path(cfg.data.shards_dir or Path(cfg.run_dir) / "data")
+    out = shards_dir(cfg)
     if runtime.is_main:
         sources, exclude = corpus_sources(cfg)
         ensure_shards(

@@ -11,9 +11,26 @@ from collections.abc import Iterable
 
 import torch
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..model import MTPModel
 from .engine import LocalEngine, TrainEngine
+
+
+def check_device(cfg: RunConfig, distributed: bool = False) -> None:
+    """A device this machine lacks is refused before any work (ConfigError, one line), not
+    when the engine is built after the tokenizer and the data."""
+    if torch.cuda.is_available():
+        return
+    if cfg.train.device == "cuda":
+        raise ConfigError(
+            "train.device=cuda: no CUDA device is available here (torch "
+            f"{torch.__version__}); use train.device=auto or train.device=cpu"
+        )
+    if distributed and cfg.parallel.backend == "nccl":
+        raise ConfigError(
+            "parallel.backend=nccl: no CUDA device is available here; use parallel.backend=gloo "
+            "(or auto) on CPUs"
+        )
 
 
 class Runtime:

@@ -4,6 +4,12 @@ One loop for every layout: the `Runtime` says where this process sits and builds
 (single-process AdamW, or DeepSpeed in the distributed layer). Resume is exact: the checkpoint
 holds the engine state, the data readers' positions, the RNG states and the step, so training
 2N steps equals N steps + resume + N steps, loss for loss.
+
+What a user sees: problems that can be found without work are refused before any is done (the
+device, the paths, the corpus, the tracking store); a failed setup keeps what it completed (the
+tokenizer, the shards) for the rerun; Ctrl-C stops like SIGTERM, with a checkpoint (a second
+Ctrl-C quits at once); a resume lists what changed in the config; a finished run ends with a
+summary and the commands to run next.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import shlex
 import shutil
 import signal
 import time
@@ -24,18 +32,32 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import ConfigError, RunConfig, load_config, to_yaml
+from ..config import ConfigError, RunConfig, load_config, to_flat_dict, to_yaml
 from ..model import parameter_table
-from ..tracking import make_tracker
-from .data import check_corpus, make_loaders, prepare_shards, prepare_tokenizer
+from ..tracking import check_uri, make_tracker
+from .data import (
+    check_corpus,
+    check_paths,
+    make_loaders,
+    prepare_shards,
+    prepare_tokenizer,
+    prepared_dirs,
+    remove_unfinished,
+)
 from .engine import StepMetrics
 from .freeze import frozen_names
 from .plot import plot_head_losses
-from .runtime import Runtime
+from .runtime import Runtime, check_device
 
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+FIRST_CTRL_C = (
+    b"\nCtrl-C: stopping after this step with a checkpoint "
+    b"(Ctrl-C again quits at once, without one)\n"
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -64,7 +86,7 @@ def set_rng_state(state: dict) -> None:
 
 
 @contextmanager
-def stop_signals(handler, signals=(signal.SIGTERM, signal.SIGUSR1)):
+def stop_signals(handler, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
     """Route `signals` to `handler` while training; the previous handlers come back after."""
     previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
@@ -72,6 +94,30 @@ def stop_signals(handler, signals=(signal.SIGTERM, signal.SIGUSR1)):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _losses(values) -> str:
+    """Per-head losses as a person reads them: 3 decimals, space-separated."""
+    return " ".join(f"{x:.3f}" for x in values)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m {s:02d}s" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def _tokens(n: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def config_changes(before: RunConfig, after: RunConfig) -> list[str]:
+    """`key: old -> new` for every key whose value differs, in schema order."""
+    old, new = to_flat_dict(before), to_flat_dict(after)
+    return [f"{k}: {old.get(k)} -> {v}" for k, v in new.items() if old.get(k) != v]
 
 
 def _metric_dict(prefix: str, m: StepMetrics) -> dict[str, float]:
@@ -117,7 +163,15 @@ class Trainer:
             cfg.data.tokenizer_path = str(self.init_from / "tokenizer")
         self.runtime = runtime or Runtime()
         self.run_dir = Path(cfg.run_dir)
-        check_corpus(cfg)  # a corpus of nothing is refused before anything is written
+        self.started = time.perf_counter()
+        # What can be refused without work is refused before any is done or anything written:
+        # a device this machine lacks, paths it cannot write, a corpus of nothing, a tracking
+        # store MLflow cannot use (the tokenizer and the data take minutes on a real corpus).
+        check_device(cfg)
+        check_paths(cfg)
+        check_corpus(cfg)
+        if self.runtime.is_main:
+            check_uri(cfg)
         # --resume continues the latest complete checkpoint, or starts fresh when there is none
         # (so a restarted launcher can always pass it); without it an existing run is refused.
         existing = ckpt.latest_checkpoint(self.run_dir)
@@ -126,18 +180,28 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoint {existing.name}: pass --resume to "
                 "continue it, or choose a new run_dir"
             )
-        # A run directory made here goes again if the setup fails (a tokenizer that cannot be
-        # trained, shards too small, a checkpoint that does not load): what is left on disk
-        # after a failed first attempt is nothing, not something that looks like a run.
-        made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        # If the setup fails or is interrupted (a tokenizer that cannot be trained, shards too
+        # small, a checkpoint that does not load, Ctrl-C), what it completed stays for the
+        # rerun to reuse (the tokenizer, shards with their manifest: minutes of work on a real
+        # corpus); what it half made goes, and so do the directories made here left empty.
+        new = [
+            p
+            for d in (self.run_dir, *prepared_dirs(cfg))
+            for p in (d, *d.parents)
+            if not p.exists()
+        ]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._setup(existing)
         except BaseException:
-            if made and self.runtime.is_main:
-                shutil.rmtree(made[-1], ignore_errors=True)  # the outermost one made here
+            if self.runtime.is_main:
+                kept = remove_unfinished(cfg, new)
+                if kept:
+                    print(f"kept for the next attempt: {', '.join(map(str, kept))}")
             raise
         self._stop_requested = False
+        self.interrupts = 0  # Ctrl-C received during fit: 1 stops with a checkpoint, 2 quit
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler: they say nothing
 
     def _setup(self, existing: Path | None) -> None:
         cfg = self.cfg
@@ -163,6 +227,8 @@ class Trainer:
         self.val_history: list[dict] = []
         if existing is not None:
             self._restore(existing)
+        if self.runtime.is_main:
+            self._truncate_metrics(self.step)  # with no checkpoint, an abandoned start's rows
 
     # -- checkpoints ------------------------------------------------------------------------
     def _initial_weights(self, path: Path):
@@ -215,8 +281,12 @@ class Trainer:
             print(f"data-parallel size {len(positions)} -> {self.runtime.dp_size}: elastic resume")
         set_rng_state(state["rng"])
         if self.runtime.is_main:
-            self._truncate_metrics(self.step)
             print(f"resumed from {path} at step {self.step}")
+            changes = config_changes(saved_cfg, self.cfg)
+            if changes:
+                print(f"config changed since {path.name}:")
+                for line in changes:
+                    print(f"  {line}")
 
     def _fallback(self, broken: Path) -> str:
         """What a user can resume from instead of a checkpoint that does not load."""
@@ -230,10 +300,18 @@ class Trainer:
         )
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics.jsonl lines past the resumed step (a crashed attempt's last steps)."""
+        """Drop metrics.jsonl lines past the step training starts from (an interrupted
+        attempt's last steps; all of them when no checkpoint was reached), and a line cut
+        short by a kill: every step appears once."""
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.is_file():
-            kept = [x for x in metrics.read_text().splitlines() if json.loads(x)["step"] <= step]
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass
             metrics.write_text("".join(line + "\n" for line in kept))
 
     def save_checkpoint(self) -> None:
@@ -241,23 +319,28 @@ class Trainer:
         tmp = ckpt.checkpoints_dir(self.run_dir) / f".tmp-step_{self.step:08d}"
         if rt.is_main:
             ckpt.staging_dir(self.run_dir, self.step)
-        rt.barrier()
-        self.engine.save(tmp)  # every rank writes its own shard under a DeepSpeed engine
-        data_states = self._gather_data_states()
-        if rt.is_main:
-            state = {
-                "step": self.step,
-                "bad_steps": self.bad_steps,
-                "history": self.history,
-                "val_history": self.val_history,
-                "data": data_states,
-                "rng": rng_state(),
-            }
-            ckpt.write_common(tmp, self.cfg, self.tokenizer, state)
-        rt.barrier()
-        if rt.is_main:
-            meta = {"dp_size": rt.dp_size, "time": time.time()}
-            ckpt.publish(tmp, self.step, self.cfg.train.keep_last, meta)
+        try:
+            rt.barrier()
+            self.engine.save(tmp)  # every rank writes its own shard under a DeepSpeed engine
+            data_states = self._gather_data_states()
+            if rt.is_main:
+                state = {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "history": self.history,
+                    "val_history": self.val_history,
+                    "data": data_states,
+                    "rng": rng_state(),
+                }
+                ckpt.write_common(tmp, self.cfg, self.tokenizer, state)
+            rt.barrier()
+            if rt.is_main:
+                meta = {"dp_size": rt.dp_size, "time": time.time()}
+                ckpt.publish(tmp, self.step, self.cfg.train.keep_last, meta)
+        except KeyboardInterrupt:  # a second Ctrl-C mid-write: no half-written checkpoint left
+            if rt.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         rt.barrier()
 
     def _gather_data_states(self) -> list[dict]:
@@ -285,6 +368,16 @@ class Trainer:
             tqdm.write(message)
 
     def _request_stop(self, signum, frame) -> None:
+        """SIGTERM / SIGUSR1 (Slurm preemption) and a first Ctrl-C: checkpoint after this step
+        and stop. A second Ctrl-C quits at once (KeyboardInterrupt: `mtp train` exits 130)."""
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if os.getpid() == self._pid and self.runtime.is_main:
+                # os.write: print() inside a signal handler can meet print() in the main code
+                # on the same buffer ("reentrant call")
+                os.write(2, FIRST_CTRL_C)
         self._stop_requested = True
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
@@ -306,16 +399,37 @@ class Trainer:
             f"train.freeze={cfg.freeze})"
         )
         if rt.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        # Slurm sends SIGTERM (or the --signal we ask for) before preemption: checkpoint and exit.
+            self._write_config()
+        # Slurm sends SIGTERM (or the --signal we ask for) before preemption, a user Ctrl-C:
+        # checkpoint and exit.
         with stop_signals(self._request_stop):
             return self._loop(last_step, tracker)
+
+    def _write_config(self) -> None:
+        """<run_dir>/config.yaml: the config of the latest attempt. One that differs from the
+        file there keeps the old one beside it, named by when it was written (its header
+        comment, the code's version, does not count)."""
+        path, text = self.run_dir / "config.yaml", to_yaml(self.cfg)
+
+        def settings(yaml: str) -> list[str]:
+            return [line for line in yaml.splitlines() if not line.startswith("#")]
+
+        if path.is_file() and settings(path.read_text()) != settings(text):
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            kept, n = self.run_dir / f"config.{stamp}.yaml", 1
+            while kept.exists():
+                kept, n = self.run_dir / f"config.{stamp}-{n}.yaml", n + 1
+            path.rename(kept)
+            print(f"config.yaml: the previous one is kept as {kept}")
+        path.write_text(text)
 
     def _loop(self, last_step: int, tracker) -> list[dict]:
         cfg, rt = self.cfg.train, self.runtime
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not rt.is_main, unit="step")
         data = iter(self.train_loader)
         status = "FAILED"
+        self._run_steps, self._run_tokens, self._step_tokens = 0, 0.0, 0.0
+        loop_started = time.perf_counter()
         try:
             while self.step < last_step:
                 started = time.perf_counter()
@@ -331,13 +445,22 @@ class Trainer:
                     latest = ckpt.latest_checkpoint(self.run_dir)
                     tracker.set_tags({"checkpoint": str(latest.resolve()) if latest else ""})
                 if stop:
-                    self._say(f"stop requested: checkpointed step {self.step}, exiting")
+                    self._say(
+                        f"stop requested: checkpointed step {self.step} "
+                        f"({ckpt.latest_checkpoint(self.run_dir)}), exiting; "
+                        "--resume continues"
+                    )
                     status = "KILLED"
                     return self.history
             status = "FINISHED"
             if rt.is_main and self.step == cfg.max_steps:
                 self._final_artifacts(tracker)
+                bar.close()
+                self._summary(time.perf_counter() - loop_started)
             return self.history
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             bar.close()
             tracker.close(status)
@@ -348,6 +471,8 @@ class Trainer:
         rt, cfg = self.runtime, self.cfg.train
         tokens, seconds = rt.all_reduce_sum([float(m.tokens), elapsed])
         tok_s = tokens / (seconds / rt.dp_size)
+        self._run_steps, self._run_tokens = self._run_steps + 1, self._run_tokens + tokens
+        self._step_tokens = tokens
         if not m.skipped:
             self.history.append({"step": self.step, "head_losses": m.head_losses})
         if not rt.is_main:
@@ -373,7 +498,7 @@ class Trainer:
             return
         self.val_history.append({"step": self.step, "head_losses": val.head_losses})
         tracker.log_metrics(_metric_dict("val", val), self.step)
-        self._say(f"step {self.step}: validation loss per head {val.head_losses}")
+        self._say(f"step {self.step}: validation loss per head {_losses(val.head_losses)}")
 
     def _check_finite(self, m: StepMetrics) -> None:
         if not m.skipped:
@@ -388,6 +513,38 @@ class Trainer:
                 f"{self.cfg.train.max_bad_steps}); last good checkpoint: "
                 f"{ckpt.latest_checkpoint(self.run_dir)}"
             )
+
+    def _summary(self, loop_seconds: float) -> None:
+        """The block a finished run ends with: time, tokens, losses, checkpoint, what next."""
+        cfg, run = self.cfg.train, shlex.quote(str(self.run_dir))
+        steps, tokens = self._run_steps, self._run_tokens
+        lines = [f"done: step {self.step} of {cfg.max_steps}"]
+        if steps:
+            seen = self.step * self._step_tokens  # every rank's, as train/tokens_seen
+            lines.append(
+                f"  time: {_duration(time.perf_counter() - self.started)} ({steps} steps in "
+                f"{_duration(loop_seconds)}, {tokens / max(loop_seconds, 1e-9):,.0f} tokens/s); "
+                f"{_tokens(seen)} tokens seen"
+            )
+        else:
+            lines.append("  nothing to train: the run had reached train.max_steps")
+        last = [h["head_losses"] for h in self.history[-10:]]
+        if last:
+            mean = np.mean(last, axis=0).tolist()
+            lines.append(f"  train loss per head (last {len(last)} steps): {_losses(mean)}")
+        if self.val_history:
+            val = self.val_history[-1]
+            lines.append(
+                f"  validation loss per head (step {val['step']}): {_losses(val['head_losses'])}"
+            )
+        lines += [
+            f"  checkpoint: {ckpt.latest_checkpoint(self.run_dir)}",
+            "next:",
+            f"  mtp generate --checkpoint {run} --prompt 'def add(a, b):' --compare",
+            f"  mtp heldout --checkpoint {run}",
+            f"  mtp export hf {run} OUT_DIR",
+        ]
+        self._say("\n".join(lines))
 
     def _final_artifacts(self, tracker) -> None:
         if self.history:
