@@ -358,7 +358,8 @@ def test_an_interrupted_build_leaves_no_shard(corpus, tmp_path: Path):
     manifest) has any, so nothing half-made is ever read or reused. (tests/test_interrupts.py
     sends the real signal to a build with worker processes.)"""
     root, texts = corpus
-    kw = dict(shard_bytes=10_000, val_fraction=0.2, progress=False, workers=1)
+    # shuffle_docs=1: documents go to the shards as they come, not after a shuffle buffer
+    kw = dict(shard_bytes=10_000, val_fraction=0.2, shuffle_docs=1, progress=False, workers=1)
     with pytest.raises(KeyboardInterrupt):
         build_shards([root], tmp_path, _InterruptedAfter(len(texts) // 2), SEQ, NF, **kw)
     assert not list(tmp_path.glob("*.tar")) and not (tmp_path / "manifest.json").exists()
