@@ -88,7 +88,8 @@ def prepare_tokenizer(cfg: RunConfig, runtime: Runtime):
         if not cfg.data.tokenizer_path:
             raise ConfigError(
                 "data.tokenizer=hf needs data.tokenizer_path=DIR (a directory holding "
-                "tokenizer.json + tokenizer_config.json, e.g. a Hugging Face model's)"
+                "tokenizer.json + tokenizer_config.json, e.g. a Hugging Face model's), or "
+                "--init-from RUN (an imported run's own tokenizer)"
             )
         return build_tokenizer("hf", cfg.data.tokenizer_path)
     if cfg.data.tokenizer_path:
