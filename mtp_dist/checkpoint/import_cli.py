@@ -29,7 +29,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     print(f"wrote {ckpt}")
     print(
         f"next: mtp generate --checkpoint {args.out} --prompt '...' --compare; "
-        f"mtp train RECIPE --init-from {args.out} train.freeze=trunk_and_head1"
+        f"mtp train heads-cpu --init-from {args.out} run_dir=RUN (its new heads only)"
     )
     return 0
 
