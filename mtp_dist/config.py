@@ -232,13 +232,28 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
+FROZEN_OWNERS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "trunk": ("embed", "trunk"),
+    "trunk_and_head1": ("embed", "trunk", "head 0", "unembed"),
+}
+"""Parameter-table owners (`str(Owner)`: a kind, or 'head i') each train.freeze mode freezes:
+the one rule that training (mtp_dist/training/freeze.py) and the planner (plan_params.py)
+apply."""
+
+
+def freezes(mode: str, owner) -> bool:
+    """Whether `train.freeze=mode` freezes the parameters of `owner` (a parameter-table Owner)."""
+    return owner.kind in FROZEN_OWNERS[mode] or str(owner) in FROZEN_OWNERS[mode]
+
+
 _CHOICES = {
     "model.loss_impl": ("sequential", "naive"),
     "data.tokenizer": ("bytes", "sentencepiece", "hf"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "train.recompute": ("none", "selective", "full"),
-    "train.freeze": ("none", "trunk", "trunk_and_head1"),
+    "train.freeze": tuple(FROZEN_OWNERS),
     "model.rope_scaling.type": ("none", "llama3"),
     "parallel.backend": ("auto", "gloo", "nccl"),
 }

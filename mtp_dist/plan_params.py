@@ -15,29 +15,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .config import RunConfig
+from .config import RunConfig, freezes
 
 BYTE_VOCAB = 259  # mtp_dist.tokenizers.byte.ByteTokenizer: 256 bytes + BOS, EOS, PAD
-
-FROZEN_OWNERS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "trunk": ("embed", "trunk"),
-    "trunk_and_head1": ("embed", "trunk", "head 0", "unembed"),
-}
-"""Owners (`str(Owner)`) each train.freeze mode freezes: mtp_dist/training/freeze.py's rule,
-restated so that planning needs no training code (a test compares the two)."""
-
 
 def vocab_size(cfg: RunConfig) -> int:
     """model.vocab_size, or what the tokenizer will give it (0 means 'from the tokenizer')."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     return BYTE_VOCAB if cfg.data.tokenizer == "bytes" else cfg.data.sp_vocab_size
-
-
-def is_frozen(owner, mode: str) -> bool:
-    """Whether `train.freeze=mode` freezes the parameters of `owner` (a parameter-table Owner)."""
-    return owner.kind in FROZEN_OWNERS[mode] or str(owner) in FROZEN_OWNERS[mode]
 
 
 def trunk_trains(cfg: RunConfig) -> bool:
@@ -91,7 +77,7 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
     for spec in parameter_table(m).values():
         key, size = (spec.owner.kind, spec.owner.index), math.prod(spec.shape)
         by[key] = by.get(key, 0) + size
-        if not is_frozen(spec.owner, cfg.train.freeze):
+        if not freezes(cfg.train.freeze, spec.owner):
             train[key] = train.get(key, 0) + size
         if spec.role != "norm" and not spec.path.endswith(".bias"):
             matmul[key] = matmul.get(key, 0) + size

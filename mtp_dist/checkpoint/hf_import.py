@@ -183,6 +183,14 @@ def _hf_names(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
+def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
+    """`names` grouped by the safetensors file holding them (each file opened once)."""
+    grouped: dict[Path, list[str]] = {}
+    for hf in names:
+        grouped.setdefault(files[hf], []).append(hf)
+    return grouped
+
+
 def _check_tensors(files: dict[str, Path], cfg: ModelConfig, source: Path) -> dict[str, str]:
     """The checkpoint holds exactly the model's tensors, with its shapes (headers only)."""
     from safetensors import safe_open
@@ -200,10 +208,7 @@ def _check_tensors(files: dict[str, Path], cfg: ModelConfig, source: Path) -> di
             f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
         )
     table = parameter_table(cfg)
-    by_file: dict[Path, list[str]] = {}
-    for hf in wanted:
-        by_file.setdefault(files[hf], []).append(hf)
-    for path, names in by_file.items():
+    for path, names in _by_file(files, wanted).items():
         with safe_open(path, framework="pt") as f:
             for hf in names:
                 shape = tuple(f.get_slice(hf).get_shape())
@@ -220,10 +225,7 @@ def _read_state(files: dict[str, Path], wanted: dict[str, str]) -> dict:
     from safetensors import safe_open
 
     state = {}
-    by_file: dict[Path, list[str]] = {}
-    for hf in wanted:
-        by_file.setdefault(files[hf], []).append(hf)
-    for path, names in by_file.items():
+    for path, names in _by_file(files, wanted).items():
         with safe_open(path, framework="pt") as f:
             for hf in names:
                 state[wanted[hf]] = f.get_tensor(hf)
@@ -240,9 +242,10 @@ def add_heads(state: dict, cfg: ModelConfig, head_init: str, seed: int) -> None:
     from ..model.layers import LocalLayers
     from ..model.transformer import make_block
 
+    paths = _block_paths(cfg)
     for i in range(1, cfg.n_future):
         if head_init == "copy":
-            for path in _block_paths(cfg):
+            for path in paths:
                 head1 = state[canonical_name(Owner("head", 0), path)]
                 state[canonical_name(Owner("head", i), path)] = head1.clone()
             continue

@@ -24,29 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import FROZEN_OWNERS, ModelConfig, freezes
 from ..model import parameter_table
-
-FROZEN_OWNERS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "trunk": ("embed", "trunk"),
-    "trunk_and_head1": ("embed", "trunk", "head 0", "unembed"),
-}
-"""Owners (`str(Owner)`: a kind, or 'head i') frozen by each train.freeze mode."""
-
-
-def _frozen_owner(owner, frozen: tuple[str, ...]) -> bool:
-    return owner.kind in frozen or str(owner) in frozen
 
 
 def frozen_names(cfg: ModelConfig, mode: str) -> set[str]:
     """Canonical names of the parameters `train.freeze=mode` freezes in a model of `cfg`."""
     if mode not in FROZEN_OWNERS:
         raise ValueError(f"train.freeze={mode!r}: expected one of {', '.join(FROZEN_OWNERS)}")
-    owners = FROZEN_OWNERS[mode]
-    return {
-        name for name, spec in parameter_table(cfg).items() if _frozen_owner(spec.owner, owners)
-    }
+    return {name for name, spec in parameter_table(cfg).items() if freezes(mode, spec.owner)}
 
 
 @dataclass(frozen=True)
