@@ -43,6 +43,9 @@ class RopeScalingConfig:
     """llama3: the context the model was pretrained at before the extension."""
 
 
+DEFAULT_CHAIN_LOSS_WEIGHT = 0.3
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     vocab_size: int = 0
@@ -60,6 +63,14 @@ class ModelConfig:
     """SwiGLU hidden width; 0 means the Llama rule: 2/3 * 4 * d_model rounded up to 64."""
     n_future: int = 4
     """Number of output heads n; head i predicts token t+i. n=1 is the next-token baseline."""
+    mtp_arch: str = "parallel"
+    """'parallel' (the paper: n independent heads on the trunk) or 'chained' (DeepSeek-V3,
+    GLM-4.5: the next-token model plus n-1 modules, module k reading module k-1's hidden state
+    and the embedding of token t+k; mtp_dist/model/chain.py)."""
+    mtp_loss_weight: float | None = None
+    """lambda of the chained loss CE_main + lambda * mean_k CE_k; None = 0.3 (DeepSeek-V3's
+    first phase; it drops to 0.1 later, Megatron-core's default is 0.1). The parallel family's
+    loss is the paper's plain sum of the heads' CEs and takes no weight."""
     parameter_matched: bool = True
     """Take the n-1 extra head layers out of the trunk so total layers stay n_layers."""
     max_seq_len: int = 256
@@ -93,6 +104,14 @@ class ModelConfig:
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_attn_heads
+
+    @property
+    def chained(self) -> bool:
+        return self.mtp_arch == "chained"
+
+    @property
+    def chain_loss_weight(self) -> float:
+        return DEFAULT_CHAIN_LOSS_WEIGHT if self.mtp_loss_weight is None else self.mtp_loss_weight
 
     @property
     def kv_heads(self) -> int:
@@ -249,6 +268,7 @@ def freezes(mode: str, owner) -> bool:
 
 _CHOICES = {
     "model.loss_impl": ("sequential", "naive"),
+    "model.mtp_arch": ("parallel", "chained"),
     "data.tokenizer": ("bytes", "sentencepiece", "hf"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
@@ -306,6 +326,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(m.trunk_layers >= 0, "model.n_layers", f"too few layers for {m.n_future} heads")
     need(m.vocab_size >= 0, "model.vocab_size", "must be >= 0")
     need(m.loss_chunk >= 0, "model.loss_chunk", "must be >= 0 (0 = no chunking)")
+    need(
+        m.mtp_loss_weight is None or m.chained,
+        "model.mtp_loss_weight",
+        "weights the chained family's modules; the parallel family's loss is the plain sum",
+    )
+    need(
+        m.mtp_loss_weight is None or m.mtp_loss_weight >= 0,
+        "model.mtp_loss_weight",
+        "must be >= 0",
+    )
     need(d.seq_len >= 1, "data.seq_len", "must be >= 1")
     need(d.seq_len <= m.max_seq_len, "data.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
@@ -336,6 +366,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         f"trunk_and_head1 leaves the rank of head 1 (parallel.head={p.head}, model.n_future="
         f"{m.n_future}) nothing to train, which ZeRO-3 does not support: use "
         "parallel.zero_stage <= 2, or parallel.head <= n_future / 2",
+    )
+    need(
+        not (m.chained and p.head > 1),
+        "parallel.head",
+        "does not apply to model.mtp_arch=chained (module k needs module k-1's output): use 1",
     )
     for key in ("tensor", "pipeline", "head"):
         need(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")

@@ -278,7 +278,9 @@ class DeepSpeedTrainEngine:
             stats = torch.cat([x.to(self.device, torch.float64) for x in parts])
             dist.all_reduce(stats, group=self.dp_group)
             losses, correct, counts = stats.cpu().chunk(3)
-            totals = HeadTotals(totals.head_ids, losses / self.topo.data, correct, counts)
+            totals = HeadTotals(
+                totals.head_ids, losses / self.topo.data, correct, counts, totals.head_weights
+            )
         metrics = totals.metrics(tokens)
         norm = self.engine.get_global_grad_norm() if lr else None
         norm = self._stage0_norm if norm is None and lr else norm

@@ -184,6 +184,13 @@ class MegatronLayers:
             skip_bias_add=False,
         )
 
+    def replicated(self, in_features: int, out_features: int) -> nn.Module:
+        # Whole on every rank, like the norms: its input and output gradient are complete on
+        # each rank, so its weight gradient is identical everywhere with no collective.
+        linear = nn.Linear(in_features, out_features, bias=False, dtype=self.config.params_dtype)
+        self._init(linear.weight)
+        return linear
+
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return _VocabEmbedding(
             vocab_size,

@@ -51,6 +51,8 @@ class LossOutput(NamedTuple):
     head_correct: torch.Tensor
     head_counts: torch.Tensor
     head_ids: tuple[int, ...]
+    head_weights: tuple[float, ...] | None = None
+    """Each head's weight in `loss` (None: the plain sum, every weight 1)."""
 
 
 def shift_labels(labels: torch.Tensor, offset: int, length: int) -> torch.Tensor:
@@ -318,12 +320,18 @@ def chunk_positions(chunk: int, batch: int, length: int) -> list[tuple[int, int]
 
 
 def chunked_cross_entropy(
-    heads: MultiTokenHeads, i: int, z: torch.Tensor, labels, params, backward: bool = False
+    heads: MultiTokenHeads,
+    i: int,
+    z: torch.Tensor,
+    labels,
+    params,
+    backward: bool = False,
+    scale: float = 1.0,
 ):
     """Final norm + unembedding + CE of head i over z (B, t, d), in chunks of positions.
 
     Returns (mean loss, #correct, #valid, d mean / dz or None). With `backward`, each chunk's
-    loss is backpropagated at once (scaled by 1 / #valid) into a (B, t, d) buffer and into the
+    loss is backpropagated at once (scaled by `scale` / #valid) into a (B, t, d) buffer and into the
     `.grad` of the shared parameters in `params` that require it, and the chunk's logits are
     freed before the next chunk is projected.
 
@@ -352,7 +360,7 @@ def chunked_cross_entropy(
             )
             piece_loss = token_loss.sum()
         if backward:
-            torch.autograd.backward(piece_loss / divisor, inputs=[piece] + wanted)
+            torch.autograd.backward(piece_loss * scale / divisor, inputs=[piece] + wanted)
             grad_z[:, s:e] = piece.grad
         del logits, token_loss  # this chunk's logits go before the next chunk's are made
         piece_loss = piece_loss.detach()

@@ -32,6 +32,9 @@ class LayerFactory(Protocol):
         """RMSNorm over the last dimension (with sequence parallelism: also the point where the
         sequence-sharded residual stream is gathered for the layers that follow)."""
 
+    def replicated(self, in_features: int, out_features: int) -> nn.Module:
+        """Linear held whole on every rank (a chained module's small eh_proj): never split."""
+
     def unembedding(self, dim: int, vocab_size: int) -> nn.Module:
         """Projection to logits; may return a vocab shard of them."""
 
@@ -64,6 +67,9 @@ class LocalLayers:
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self._init(nn.Linear(in_features, out_features, bias=False))
 
+    def replicated(self, in_features: int, out_features: int) -> nn.Module:
+        return self._init(nn.Linear(in_features, out_features, bias=False))
+
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return self._init(nn.Embedding(vocab_size, dim))
 
@@ -86,6 +92,14 @@ class LocalLayers:
         return loss, correct
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x over its last dimension, in float32 at least (what RMSNorm computes)."""
+    dtype = x.dtype
+    x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x.to(dtype) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -93,10 +107,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.to(dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class TiedProjection(nn.Module):

@@ -36,6 +36,7 @@ SPLIT_DIM_BY_ROLE: dict[str, int | None] = {
     "embedding": 0,
     "unembedding": 0,
     "norm": None,
+    "replicated": None,
 }
 OWNER_KINDS = ("embed", "trunk", "head", "unembed")
 

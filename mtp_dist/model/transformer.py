@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .chain import ChainedHeads, ChainModule, zero_first_position
 from .heads import HeadReduction, LossOutput, MultiTokenHeads
 from .layers import Block, LayerFactory, LocalLayers, Unembedding, rotary_tables
 from .params import Owner, ParamSpec, ParamTable, canonical_name
@@ -32,8 +33,16 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     plan: list[tuple[Owner, Callable[[LayerFactory], nn.Module]]] = [
         (Owner("embed"), lambda layers: layers.embedding(cfg.vocab_size, cfg.d_model))
     ]
+    def module(layers: LayerFactory) -> nn.Module:
+        return ChainModule(cfg.d_model, cfg.norm_eps, layers, block)
+
     plan += [(Owner("trunk", k), block) for k in range(cfg.trunk_layers)]
-    plan += [(Owner("head", i), block) for i in range(cfg.n_future)]
+    # The chained family's depth 0 is the main model's last layer, like the parallel head 1;
+    # its heads 1..n-1 are chained modules (model/chain.py).
+    plan += [
+        (Owner("head", i), module if cfg.chained and i > 0 else block)
+        for i in range(cfg.n_future)
+    ]
     plan.append(
         (
             Owner("unembed"),
@@ -67,12 +76,15 @@ class MTPModel(nn.Module):
         head_layers: LayerFactory | None = None,
         head_ids: Sequence[int] | None = None,
         head_reduction: HeadReduction | None = None,
+        sequence_gather=None,
     ) -> None:
         """`layers` builds every layer; `head_layers`, if given, the heads and the shared
         unembedding instead (head parallelism keeps them whole under a tensor-parallel trunk).
         `head_ids` (default: all) are the heads this model holds and runs, and
         `head_reduction` sums what they share with the heads held elsewhere (head
-        parallelism; the model itself knows no process group)."""
+        parallelism; the model itself knows no process group). `sequence_gather` (chained
+        family, sequence parallelism) gathers a module's output over the sequence before the
+        projection."""
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (normally from the tokenizer)")
@@ -90,9 +102,15 @@ class MTPModel(nn.Module):
             elif owner.kind == "unembed":
                 unembed = build(head_layers or layers)
         self.trunk = nn.ModuleList(trunk)
-        self.heads = MultiTokenHeads(
+        family = MultiTokenHeads
+        extra = {}
+        if cfg.chained:
+            family = ChainedHeads
+            extra = dict(loss_weight=cfg.chain_loss_weight, sequence_gather=sequence_gather)
+        self.heads = family(
             blocks,
             unembed,
+            **extra,
             n_future=cfg.n_future,
             token_loss=(head_layers or layers).token_loss,
             loss_impl=cfg.loss_impl,
@@ -138,7 +156,25 @@ class MTPModel(nn.Module):
         )
         with torch.set_grad_enabled(torch.is_grad_enabled() and trunk_trains):
             h, cos, sin = self.trunk_forward(input_ids)
+            if self.cfg.chained:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+                ahead = self.embed_ahead(labels, positions)
+        if self.cfg.chained:
+            return self.heads(h, labels, cos, sin, ahead)
         return self.heads(h, labels, cos, sin)
+
+    def embed_ahead(self, labels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """Chained modules' token inputs: E x_{t+k} for k = 1..n-1 at input positions
+        `positions` (T,), each (B, T, d), zero at sequence position 0. labels[:, j] is token
+        j + 1, so module k at position t reads labels[:, t + k - 1]."""
+        T = positions.shape[-1]
+        out = []
+        for k in range(1, self.cfg.n_future):
+            ids = labels[:, k - 1 : k - 1 + T].clamp(min=0)  # ignored labels (-100) embed as 0
+            if ids.shape[1] < T:  # short labels: those positions' targets lie past the end
+                ids = torch.nn.functional.pad(ids, (0, T - ids.shape[1]))
+            out.append(zero_first_position(self.embed(ids), positions))
+        return out
 
     @torch.no_grad()
     def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -173,6 +209,9 @@ class _RoleRecorder(LocalLayers):
 
     def row(self, in_features: int, out_features: int) -> nn.Module:
         return self._made(super().row(in_features, out_features), "row")
+
+    def replicated(self, in_features: int, out_features: int) -> nn.Module:
+        return self._made(super().replicated(in_features, out_features), "replicated")
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return self._made(super().embedding(vocab_size, dim), "embedding")

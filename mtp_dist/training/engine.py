@@ -111,6 +111,8 @@ class HeadTotals:
     head_losses: torch.Tensor
     head_correct: torch.Tensor
     head_counts: torch.Tensor
+    head_weights: tuple[float, ...] | None = None
+    """Each head's weight in the loss (the chained family's lambda); None: all 1."""
 
     @classmethod
     def of(cls, outputs) -> HeadTotals:
@@ -121,12 +123,14 @@ class HeadTotals:
             sum(o.head_losses.double() for o in outputs) / k,
             sum(o.head_correct.double() for o in outputs),
             sum(o.head_counts.double() for o in outputs),
+            outputs[0].head_weights,
         )
 
     def metrics(self, tokens: int) -> StepMetrics:
         losses = self.head_losses
+        weights = torch.ones_like(losses) if self.head_weights is None else self.head_weights
         return StepMetrics(
-            loss=float(losses.sum()),
+            loss=float((losses * torch.as_tensor(weights, dtype=losses.dtype)).sum()),
             head_losses=losses.tolist(),
             head_accuracy=(self.head_correct / self.head_counts.clamp(min=1)).tolist(),
             tokens=tokens,
