@@ -19,6 +19,7 @@ from .config import RunConfig, freezes
 
 BYTE_VOCAB = 259  # mtp_dist.tokenizers.byte.ByteTokenizer: 256 bytes + BOS, EOS, PAD
 
+
 def vocab_size(cfg: RunConfig) -> int:
     """model.vocab_size, or what the tokenizer will give it (0 means 'from the tokenizer')."""
     if cfg.model.vocab_size:

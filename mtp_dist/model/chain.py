@@ -4,8 +4,9 @@ The main model is the whole next-token model: trunk, its last layer (here "depth
 the parallel family calls head 1), the final norm and the unembedding U. Module k = 1..n-1
 reads the previous depth's normed hidden state and the embedding E of token t+k:
 
-    h^0 = final_norm(Block_0(trunk(x)))                          logits^0 = U h^0  -> x_{t+1}
-    h^k = norm_k(Block_k(W_k [enorm_k(E x_{t+k}) ; hnorm_k(h^{k-1})]))   logits^k = U h^k  -> x_{t+k+1}
+    h^0 = final_norm(Block_0(trunk(x)))                         logits^0 = U h^0, predicts x_{t+1}
+    h^k = norm_k(Block_k(W_k [enorm_k(E x_{t+k}) ; hnorm_k(h^{k-1})]))
+                                                             logits^k = U h^k, predicts x_{t+k+1}
 
 E and U are shared with the main model. These are GLM-4.5's conventions as the serving engines
 read them (docs/interop.md): the hidden state fed to module 1 is taken AFTER the final norm,
@@ -215,7 +216,6 @@ class _SequentialChainLoss(torch.autograd.Function):
         with torch.enable_grad():
             leaves_in = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
             leaves = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, params)}
-            shared = [leaves[f] for f in chain.shared_flat_names()]
             outputs, prev, stats = [], leaves_in[0], []
             for k in range(chain.n_future):
                 e = leaves_in[k] if k else None
@@ -238,8 +238,9 @@ class _SequentialChainLoss(torch.autograd.Function):
                     torch.autograd.backward(hk, hk_leaf.grad, inputs=wanted)
                 outputs[k] = None  # depth k's block graph goes here
         ctx.n_inputs = n_inputs
-        ctx.input_grads = [leaf.grad if t.requires_grad else None for leaf, t in
-                           zip(leaves_in, inputs)]
+        ctx.input_grads = [
+            leaf.grad if t.requires_grad else None for leaf, t in zip(leaves_in, inputs)
+        ]
         ctx.grad_slots = [j for j, n in enumerate(names) if leaves[n].grad is not None]
         ctx.n_params = len(names)
         grads = [leaves[names[j]].grad for j in ctx.grad_slots]
@@ -251,9 +252,7 @@ class _SequentialChainLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_unused):
-        input_grads = [
-            None if g is None else g.mul_(grad_total) for g in ctx.input_grads
-        ]
+        input_grads = [None if g is None else g.mul_(grad_total) for g in ctx.input_grads]
         param_grads = [None] * ctx.n_params
         for slot, g in zip(ctx.grad_slots, ctx.saved_tensors):
             param_grads[slot] = g.mul_(grad_total)
@@ -278,4 +277,3 @@ def _project_and_backward(chain, k, hk_leaf, labels, leaves, weight):
     loss, correct, count = chain._whole_loss(k, hk_leaf, labels, leaves)
     torch.autograd.backward(loss * weight, inputs=wanted)
     return loss.detach(), correct, count
-

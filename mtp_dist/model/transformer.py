@@ -33,6 +33,7 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     plan: list[tuple[Owner, Callable[[LayerFactory], nn.Module]]] = [
         (Owner("embed"), lambda layers: layers.embedding(cfg.vocab_size, cfg.d_model))
     ]
+
     def module(layers: LayerFactory) -> nn.Module:
         return ChainModule(cfg.d_model, cfg.norm_eps, layers, block)
 
@@ -40,8 +41,7 @@ def construction_plan(cfg: ModelConfig) -> list[tuple[Owner, Callable[[LayerFact
     # The chained family's depth 0 is the main model's last layer, like the parallel head 1;
     # its heads 1..n-1 are chained modules (model/chain.py).
     plan += [
-        (Owner("head", i), module if cfg.chained and i > 0 else block)
-        for i in range(cfg.n_future)
+        (Owner("head", i), module if cfg.chained and i > 0 else block) for i in range(cfg.n_future)
     ]
     plan.append(
         (
