@@ -125,6 +125,27 @@ def test_one_window_equals_one_forward(tiny):
 
 
 @torch.no_grad()
+def test_chained_one_window_equals_the_training_forward():
+    """A chained model's depths in the scorer are the ones training computes: depth k reads
+    depth k-1 and the embedded token t + k (zero at position 0). The training forward on the
+    same window gives the same depth-0 bits and per-depth correct counts."""
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    cfg = ModelConfig(
+        vocab_size=padded_vocab(tok.vocab_size), d_model=32, n_layers=5, n_attn_heads=2,
+        n_future=3, max_seq_len=64, mtp_arch="chained",
+    )  # fmt: skip
+    model = MTPModel(cfg).double().eval()
+    ids = tok.encode(TEXT)
+    score = score_file(model, tok, TEXT, context=len(ids) + 1, stride=4)
+    seq = torch.tensor([[tok.eos_id, *ids]])
+    out = model(seq[:, :-1], seq[:, 1:])
+    assert score.counted == out.head_counts.tolist() == [47, 46, 45]
+    assert score.correct == out.head_correct.tolist()
+    assert score.bits == pytest.approx(float(out.head_losses[0]) * 47 / math.log(2), rel=1e-12)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("context,stride,batch", [(8, 3, 2), (8, 8, 16), (5, 2, 3)])
 def test_strided_equals_token_by_token(tiny, context, stride, batch):
     model, tok = tiny

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.chain import zero_first_position
+
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
 """CPython's own test suite: code the stdlib training corpus leaves out (STDLIB_EXCLUDE)."""
 
@@ -112,11 +114,18 @@ def score_ids(
         firsts = torch.tensor([f for _, _, f in group], device=device)
         scored = pos >= firsts[:, None]  # (B, W)
         h, cos, sin = model.trunk_forward(seq[pos])  # (B, W, d)
+        whole = None  # a chained model's previous depth, (B, W, d)
         for i in range(n_heads):
             target = padded[pos + i + 1][scored]  # (M,)
             # The head layer needs the whole window (attention); the unembedding, the largest
             # matmul, only the scored positions.
-            hidden = model.heads.head_hidden(i, h, cos, sin)[scored]  # (M, d)
+            if model.cfg.chained:  # depth i reads depth i-1 and the embedded token t + i
+                ahead = model.embed(padded[pos + i].clamp(min=0)) if i else None
+                ahead = zero_first_position(ahead, offsets) if i else None
+                whole = model.heads.depth_hidden(i, h if i == 0 else whole, ahead, cos, sin)
+                hidden = whole[scored]
+            else:
+                hidden = model.heads.head_hidden(i, h, cos, sin)[scored]  # (M, d)
             logits = model.heads.project(hidden)  # (M, V)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             valid = target >= 0
