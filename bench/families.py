@@ -1,0 +1,119 @@
+"""The two MTP families side by side at equal training time: parallel heads (the paper) and
+chained modules (DeepSeek-V3 / GLM-4.5), parameter-matched and not.
+
+    python bench/families.py                       # the default budget: tiny-cpu's 300 steps
+    python bench/families.py --budget-s 120 --only parallel chained
+
+The budget is the default recipe's own (configs/tiny-cpu.yaml: parallel, n = 4, parameter-
+matched, `train.max_steps`), in seconds: its probed step time times its steps. Every variant
+trains for about that long (`train.max_steps` = budget / the variant's probed step time,
+bench/recipes.py's probe), with its own tokenizer and shards as a user's run would. Each
+checkpoint is then scored on held-out code (CPython's test suite: next-token bits per byte and
+per-depth accuracy, mtp_dist.eval.quality) and decoded by bench/speculative.py (tokens per
+forward, wall-clock speedup over plain greedy at batch 1 and batch --batch, identical to greedy).
+
+Variants (n = 4 each):
+- parallel:           the paper's 4 heads, 3 trunk layers moved into heads (the default recipe);
+- parallel-unmatched: 4 heads on the full trunk (3 extra layers);
+- chained:            the next-token model plus 3 modules, 3 trunk layers moved into modules;
+- chained-unmatched:  the full next-token model plus 3 modules.
+Prints a line per variant, a table, then one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recipes import FIXED, RECIPE, score, step_seconds
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS: dict[str, list[str]] = {
+    "parallel": [],
+    "parallel-unmatched": ["model.parameter_matched=false"],
+    "chained": ["model.mtp_arch=chained"],
+    "chained-unmatched": ["model.mtp_arch=chained", "model.parameter_matched=false"],
+}
+
+
+def recipe_steps() -> int:
+    from mtp_dist.config import load_config
+
+    return load_config(RECIPE, ["run_dir=/tmp/unused"]).train.max_steps
+
+
+def speculative(run_dir: Path, batch: int, prompts: int, max_tokens: int) -> dict:
+    """bench/speculative.py on the checkpoint: its last line, one JSON object."""
+    cmd = [sys.executable, str(BENCH / "speculative.py"), "--checkpoint", str(run_dir),
+           "--batch", str(batch), "--prompts", str(prompts), "--max-tokens", str(max_tokens),
+           "--no-mlflow"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/speculative.py failed: {done.stderr.strip()[-300:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--budget-s", type=float, help="training seconds per variant (default: the recipe's)"
+    )
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
+    p.add_argument("--limit", type=int, default=20, help="held-out files scored")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched decoding")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts decoded")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--out", default="/tmp/mtp-families", help="run directories")
+    args = p.parse_args()
+    probes = {name: step_seconds(VARIANTS[name], args.threads) for name in VARIANTS}
+    budget = args.budget_s or probes["parallel"] * recipe_steps()
+    print(f"budget: {budget:.0f} s of training per variant", flush=True)
+    rows = []
+    for name in args.only or list(VARIANTS):
+        overrides, step_s = VARIANTS[name], probes[name]
+        steps = max(20, int(budget / step_s))
+        run_dir = Path(args.out) / name
+        cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
+               f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.ckpt_every={steps}",
+               f"train.warmup_steps={max(10, steps // 15)}"]  # fmt: skip
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            print(f"{name}: training failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+        q = score(run_dir, args.limit)
+        spec = speculative(run_dir, args.batch, args.prompts, args.max_tokens)
+        rows.append({
+            "name": name, "overrides": overrides, "steps": steps, "probe_step_s": step_s,
+            "train_s": train_s, "wall_s": wall,
+            "bits_per_byte": q["bits_per_byte"], "head_accuracy": q["head_accuracy"],
+            "tokens_per_forward": spec["tokens_per_forward"],
+            "speedup_batch1": spec["speedup"], "speedup_batched": spec["batched"]["speedup"],
+            "identical_to_greedy": spec["identical_to_greedy"],
+        })  # fmt: skip
+        r = rows[-1]
+        print(f"{name}: {steps} steps, train {train_s:.0f} s, bits/byte {r['bits_per_byte']:.3f}, "
+              f"{r['tokens_per_forward']:.2f} tokens/forward, speculative "
+              f"{r['speedup_batch1']:.2f}x (batch {args.batch}: {r['speedup_batched']:.2f}x)",
+              flush=True)  # fmt: skip
+    print(f"\n{'variant':<20}{'steps':>7}{'train s':>9}{'bits/B':>8}{'tok/fwd':>9}"
+          f"{'b1':>7}{f'b{args.batch}':>7}  acc d1..d4")  # fmt: skip
+    for r in rows:
+        acc = " ".join(f"{a:.2f}" for a in r["head_accuracy"])
+        print(f"{r['name']:<20}{r['steps']:>7}{r['train_s']:>9.0f}{r['bits_per_byte']:>8.3f}"
+              f"{r['tokens_per_forward']:>9.2f}{r['speedup_batch1']:>6.2f}x"
+              f"{r['speedup_batched']:>6.2f}x  {acc}")  # fmt: skip
+    print(json.dumps({"budget_s": budget, "limit": args.limit, "batch": args.batch,
+                      "variants": rows}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
