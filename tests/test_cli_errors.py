@@ -163,6 +163,35 @@ def test_resume_with_another_model(capsys, run_copy, corpus):
     one_line(err, "model.d_model=64 (checkpoint: 32)")
 
 
+def test_resume_a_chained_checkpoint_as_the_parallel_family(capsys, tmp_path, corpus):
+    """A checkpoint of one MTP family resumed as the other: one line naming the key, and the
+    checkpoint left as it was."""
+    chained = tmp_path / "chained"
+    assert main(train_args(chained, corpus, "model.mtp_arch=chained")) == 0
+    capsys.readouterr()
+    before = digest(chained / "checkpoints")
+    code, err = mtp(capsys, *train_args(chained, corpus, "--resume", "train.max_steps=3"))
+    assert code == 2
+    one_line(err, "model.mtp_arch='parallel' (checkpoint: 'chained')")
+    assert digest(chained / "checkpoints") == before
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.mtp_arch=chain", "model.mtp_arch: must be one of parallel, chained (got 'chain')"),
+        ("model.mtp_loss_weight=0.1", "model.mtp_loss_weight: weights the chained family's"),
+        ("parallel.head=2 model.mtp_arch=chained", "parallel.head: does not apply to model.mtp"),
+    ],
+)
+def test_family_options_refused_before_any_work(capsys, tmp_path, corpus, override, needle):
+    run = tmp_path / "run"
+    code, err = mtp(capsys, *train_args(run, corpus, *override.split()))
+    assert code == 2
+    one_line(err, "mtp train: ", needle)
+    assert not run.exists()
+
+
 # -- the corpus -----------------------------------------------------------------------------
 @pytest.mark.parametrize("tokenizer", ["bytes", "sentencepiece"])
 @pytest.mark.parametrize("source", ["missing", "empty"])
