@@ -118,7 +118,8 @@ class ChainedHeads(MultiTokenHeads):
     def head_weights(self) -> tuple[float, ...]:
         """Each depth's weight in the loss: 1 for the main model, lambda / (n-1) per module."""
         n = self.n_future
-        return (1.0,) + (self.loss_weight / (n - 1),) * (n - 1)
+        # n = 1: the main model alone (no module, no lambda term).
+        return (1.0,) + ((self.loss_weight / (n - 1),) * (n - 1) if n > 1 else ())
 
     def shared_flat_names(self) -> list[str]:
         """The tensors every depth's projection uses (U only: each depth norms its own)."""
