@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MTPModel
-from .fused import FusedBlock, FusedUnembedding, rotary_table
-from .heads import DraftHeads, head_block, unembedding
+from .chain import ChainDrafts, FusedChainModule
+from .fused import FusedBlock, FusedUnembedding, rms_norm, rotary_table
+from .heads import DraftHeads, chain_module, head_block, unembedding
 from .kv_cache import ModelCache
 from .sampling import Stopper, mask_vocab, sample
 
@@ -139,6 +140,11 @@ class Decoder:
         self.fused = fused
         self.freqs = rotary_table(model)  # (max_len, hd/2) complex
         self.embedding = model.embed.weight.detach()
+        self.max_len = model.cfg.max_seq_len
+        self.chained = model.cfg.chained
+        # The chained family drafts with its modules (chain.py), one after the other.
+        modules = [chain_module(model, k) for k in range(1, self.n_future)] if self.chained else []
+        self.modules = [FusedChainModule(m) for m in modules] if fused else modules
 
     def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
         """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary factors
@@ -157,6 +163,33 @@ class Decoder:
 
     def head1_hidden(self, h: torch.Tensor, rot, cache) -> torch.Tensor:
         return self.head1(h, rot, cache) if self.fused else self.head1(h, *rot, cache)
+
+    # -- what the chained modules use (chain.py) ------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embedding) if self.fused else self.model.embed(ids)
+
+    def rotary(self, positions: torch.Tensor):
+        """Rotary factors for positions (B, T), in the form this decoder's layers take."""
+        if self.fused:
+            return self.freqs[positions][:, :, None]  # (B, T, 1, hd/2)
+        return self.model.rotary(positions)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Depth 0's output -> h^0 (what module 1 reads)."""
+        if self.fused:
+            return rms_norm(x, self.unembed.gain, self.unembed.eps)
+        return self.unembed.norm(x)
+
+    def run_module(self, i: int, h_prev, embedded, rot, cache) -> torch.Tensor:
+        """Chained module i + 1: (B, T, d) inputs -> its normed output (B, T, d)."""
+        if self.fused:
+            return self.modules[i](h_prev, embedded, rot, cache)
+        return self.modules[i](h_prev, embedded, *rot, cache)
+
+    def draft_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """U alone (a module's output is normed already): (..., d) -> (..., V)."""
+        logits = h @ self.unembed.proj if self.fused else self.unembed.proj(h)
+        return mask_vocab(logits, self.vocab_limit)
 
     def draft_rot(self, rot, span: int) -> torch.Tensor:
         """The draft heads' rotary factors for the first `span` block positions."""
@@ -267,8 +300,15 @@ class _Run:
         # A row never holds more than max_len positions plus one block being verified.
         capacity = min(max(len(p) for p in prompts) + max_new_tokens, self.max_len) + self.width
         zeros = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.cache = ModelCache(len(self.model.trunk), 1 + (drafts > 0), zeros, capacity)
-        self.drafter = dec.drafter(drafts) if drafts else None
+        parallel_drafts = drafts if not dec.chained else 0
+        self.cache = ModelCache(len(self.model.trunk), 1 + (parallel_drafts > 0), zeros, capacity)
+        self.drafter = dec.drafter(drafts) if parallel_drafts else None
+        # A module's window reaches up to n_future positions past the trunk's (chain.py).
+        self.chain = (
+            ChainDrafts(dec, n, drafts, capacity + 2 * self.width)
+            if drafts and dec.chained
+            else None
+        )
         self.pending = zeros  # (B,) the emitted token each row feeds next
         self.drafts = zeros[:, None][:, :0]  # (B, width-1)
         self.steps = torch.arange(self.width, device=self.device)
@@ -291,10 +331,13 @@ class _Run:
         h, rot = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
         last = torch.tensor(lengths, device=self.device) - 1
         rows = torch.arange(B, device=self.device)
-        x = self.dec.head1_hidden(h, rot, self.cache.heads[0])[rows, last]  # (B, d)
-        self.pending = choose(self.dec.logits(x))
+        z = self.dec.head1_hidden(h, rot, self.cache.heads[0])  # (B, T, d)
+        self.pending = choose(self.dec.logits(z[rows, last]))
         if self.drafter is not None:
             self.drafts = self._draft(h, rot, last)
+        elif self.chain is not None:  # the prompt's tokens 1.. and the pending one are known
+            start = self.cache.lengths
+            self.drafts = self.chain(self.dec.final_norm(z), ids, last, self.pending, start)
         # Pad slots past each prompt were written but are not kept (the next forward overwrites).
         self.cache.commit(last + 1)
         self._count_forward()
@@ -348,9 +391,13 @@ class _Run:
         # Draft heads only need the kept positions 0..accepted: keys/values for their cache,
         # and their output at `accepted` (the last kept position) for the next drafts.
         span = int(accepted.max()) + 1
-        self.drafts = self._draft(h[:, :span], rot, accepted)
-        self.cache.commit(accepted + 1)
         self.pending = greedy[rows, accepted]
+        if self.chain is not None:  # modules read depth 0's normed output and the new tokens
+            h0 = self.dec.final_norm(x[:, :span])
+            self.drafts = self.chain(h0, block, accepted, self.pending, self.cache.lengths)
+        else:
+            self.drafts = self._draft(h[:, :span], rot, accepted)
+        self.cache.commit(accepted + 1)
         # Statistics: draft j counts as proposed when emitting it could fit in the budget.
         acc, left = accepted.tolist(), [self.budget[i] - len(self.out[i]) for i in self.active]
         self.stats.mixed_steps += len(set(acc)) > 1
@@ -368,8 +415,11 @@ class _Run:
         if width == self.width:
             return
         k = width - 1
-        self.drafter = self.drafter.leading(k)
-        self.cache.heads[1].keep_heads(k * self.drafter.n_kv_heads)
+        if self.chain is not None:
+            self.chain.narrow(k)
+        else:
+            self.drafter = self.drafter.leading(k)
+            self.cache.heads[1].keep_heads(k * self.drafter.n_kv_heads)
         self.drafts = self.drafts[:, :k]
         self.width, self.steps = width, self.steps[:width]
 
@@ -405,5 +455,7 @@ class _Run:
         if len(keep) < len(self.active):
             idx = torch.tensor(keep, dtype=torch.long, device=self.device)
             self.cache.select(idx)
+            if self.chain is not None:
+                self.chain.select(idx)
             self.pending, self.drafts = self.pending[idx], self.drafts[idx]
             self.active = [self.active[r] for r in keep]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MTPModel
+from ..model.chain import ChainModule
 from ..model.heads import TIED_WEIGHT
 from ..model.layers import Block, LocalLayers, Unembedding
 from ..model.transformer import make_block
@@ -39,6 +40,17 @@ def head_block(model: MTPModel, i: int) -> Block:
         block = make_block(model.cfg, LocalLayers())
     block.load_state_dict(_weights(model, model.heads.head_param_names[i]), assign=True)
     return block.eval()
+
+
+def chain_module(model: MTPModel, k: int) -> ChainModule:
+    """Module k (1..n-1) of a chained model as a `ChainModule` sharing the model's tensors."""
+    cfg = model.cfg
+    with torch.device("meta"):
+        module = ChainModule(
+            cfg.d_model, cfg.norm_eps, LocalLayers(), lambda layers: make_block(cfg, layers)
+        )
+    module.load_state_dict(_weights(model, model.heads.head_param_names[k]), assign=True)
+    return module.eval()
 
 
 def unembedding(model: MTPModel) -> Unembedding:
