@@ -158,22 +158,28 @@ def _heads_index(cfg: ModelConfig) -> dict:
 
 
 def export_hf(source: str | Path, out: str | Path) -> Path:
-    """Write the Hugging Face directory of a single-process checkpoint; returns `out`."""
+    """Write the Hugging Face directory of a single-process checkpoint; returns `out`. A
+    chained model (model.mtp_arch=chained) goes out in GLM-4.5's layout (glm.py)."""
     from safetensors.torch import save_file
 
     from ..tokenizers.hf import save_hf_tokenizer
 
     weights = read_weights(source)
     cfg = weights.cfg.model
-    hf = {k: v.float().contiguous() for k, v in to_hf(weights.state, cfg).items()}
-    heads = {k: hf.pop(k) for k in [k for k in hf if k.startswith("mtp_heads.")]}
+    tok = weights.tokenizer
     with atomic_dir(out) as tmp:
-        save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if heads:
-            save_file(heads, str(tmp / HEADS_FILE), metadata={"format": "pt"})
-            (tmp / HEADS_INDEX).write_text(json.dumps(_heads_index(cfg), indent=2) + "\n")
-        tok = weights.tokenizer
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tok), indent=2) + "\n")
+        if cfg.chained:
+            from .glm import write_glm
+
+            write_glm(weights, tmp, rope_parameters(cfg))
+        else:
+            hf = {k: v.float().contiguous() for k, v in to_hf(weights.state, cfg).items()}
+            heads = {k: hf.pop(k) for k in [k for k in hf if k.startswith("mtp_heads.")]}
+            save_file(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if heads:
+                save_file(heads, str(tmp / HEADS_FILE), metadata={"format": "pt"})
+                (tmp / HEADS_INDEX).write_text(json.dumps(_heads_index(cfg), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tok), indent=2) + "\n")
         generation = {
             "bos_token_id": tok.bos_id,
             "eos_token_id": tok.eos_id,

@@ -12,6 +12,13 @@ next-token model is exactly the checkpoint's. Heads 2..n are new: copies of that
 (`--head-init copy`, the default) or freshly initialised layers (`random`). The names come from
 the one Hugging Face name table (hf.py), so export and import cannot disagree.
 
+    DIR/config.json                          Glm4MoeForCausalLM whose MoE layers are exactly
+                                             dense, with num_nextn_predict_layers MTP layers
+
+comes in as a chained model (model.mtp_arch=chained) with those layers as its modules: the
+layout `mtp export hf` writes for one (glm.py, which holds its name table). A real mixture of
+experts (a routed expert that is not zero) is refused.
+
 Everything that can be checked is checked before anything is written (config fields, the
 tokenizer against the embedding, every shard present, every tensor's name and shape, read from
 the safetensors headers without loading data); a failure leaves no run directory. Tensors are
@@ -26,6 +33,8 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig, ModelConfig, RopeScalingConfig, RunConfig, validate
+from . import glm
+from .glm import ARCH as GLM_ARCH
 from .hf import hf_name
 from .layout import CheckpointError, publish, staging_dir, write_common
 
@@ -88,28 +97,30 @@ def _sliding_window(config: dict, arch: str) -> int | None:
     return None
 
 
-def model_config(
-    config: dict, where: Path, n_future: int, max_seq_len: int | None, pad_id: int
-) -> ModelConfig:
-    """Our ModelConfig of a transformers config.json (CheckpointError, naming the field, for
-    what the model cannot represent)."""
+def _architecture(config: dict, where: Path) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES and arch != GLM_ARCH:
         raise CheckpointError(
             f"{where}: architectures={archs!r} is not supported (supported: "
-            f"{', '.join(ARCHITECTURES)})"
+            f"{', '.join([*ARCHITECTURES, GLM_ARCH])})"
         )
+    return arch
+
+
+def _common_fields(config: dict, where: Path, max_seq_len: int | None, pad_id: int) -> dict:
+    """The ModelConfig fields every supported architecture states alike."""
+    arch = _architecture(config, where)
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act={config['hidden_act']!r} (only silu)")
-    for key in ("attention_bias", "mlp_bias"):  # Llama's attention_bias also biases o_proj
+    # Llama's attention_bias also biases o_proj; GLM's biases q/k/v only (glm.py).
+    for key in ("mlp_bias",) if arch == GLM_ARCH else ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise CheckpointError(f"{where}: {key}=true is not supported")
     d = _field(config, "hidden_size", where)
     n_heads = _field(config, "num_attention_heads", where)
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     head_dim = int(config.get("head_dim") or d // n_heads)
-    layers = _field(config, "num_hidden_layers", where)
     context = _field(config, "max_position_embeddings", where)
     max_seq_len = max_seq_len or context
     window = _sliding_window(config, arch)
@@ -123,26 +134,35 @@ def model_config(
             f"{where}: num_key_value_heads={n_kv} does not divide num_attention_heads={n_heads}"
         )
     theta, scaling = _rope(config, where)
-    cfg = ModelConfig(
+    return dict(
         vocab_size=_field(config, "vocab_size", where),
         d_model=d,
-        # The checkpoint's layers are the trunk and head 1; the n - 1 new heads come on top.
-        n_layers=layers,
+        # The checkpoint's layers are the trunk and head 1 (the chained family's depth 0).
+        n_layers=_field(config, "num_hidden_layers", where),
         parameter_matched=False,
         n_attn_heads=n_heads,
         n_kv_heads=0 if n_kv == n_heads else n_kv,
         head_dim=0 if head_dim * n_heads == d else head_dim,
         ffn_hidden=_field(config, "intermediate_size", where),
-        n_future=n_future,
         max_seq_len=max_seq_len,
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         init_std=float(config.get("initializer_range", 0.02)),
         pad_id=pad_id,
-        attn_bias=ARCHITECTURES[arch],
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def model_config(
+    config: dict, where: Path, n_future: int, max_seq_len: int | None, pad_id: int
+) -> ModelConfig:
+    """Our ModelConfig of a Llama-family transformers config.json (CheckpointError, naming the
+    field, for what the model cannot represent). The n - 1 new heads come on top of the
+    checkpoint's layers."""
+    common = _common_fields(config, where, max_seq_len, pad_id)
+    arch = _architecture(config, where)
+    cfg = ModelConfig(**common, n_future=n_future, attn_bias=ARCHITECTURES[arch])
     try:
         validate(RunConfig(run_dir=".", model=cfg, data=DataConfig(seq_len=1)))
     except ConfigError as err:
@@ -191,33 +211,38 @@ def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
     return grouped
 
 
-def _check_tensors(files: dict[str, Path], cfg: ModelConfig, source: Path) -> dict[str, str]:
-    """The checkpoint holds exactly the model's tensors, with its shapes (headers only)."""
+def _check_tensors(
+    files: dict[str, Path],
+    cfg: ModelConfig,
+    source: Path,
+    wanted: dict[str, str],
+    extra: dict[str, tuple[int, ...]],
+) -> None:
+    """The checkpoint holds exactly the model's tensors (`wanted`: HF name -> canonical name)
+    and the `extra` ones that are no parameter of ours, with their shapes (headers only)."""
     from safetensors import safe_open
 
     from ..model import parameter_table
 
-    wanted = _hf_names(cfg)
+    table = parameter_table(cfg)
+    shapes = {**{hf: table[name].shape for hf, name in wanted.items()}, **extra}
     present = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_embeddings:  # some tied checkpoints also store the (identical) lm_head
         present.discard("lm_head.weight")
-    missing, unexpected = sorted(set(wanted) - present), sorted(present - set(wanted))
+    missing, unexpected = sorted(set(shapes) - present), sorted(present - set(shapes))
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: the tensors do not match config.json: missing {missing[:3]} "
             f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
         )
-    table = parameter_table(cfg)
-    for path, names in _by_file(files, wanted).items():
+    for path, names in _by_file(files, shapes).items():
         with safe_open(path, framework="pt") as f:
             for hf in names:
                 shape = tuple(f.get_slice(hf).get_shape())
-                if shape != table[wanted[hf]].shape:
+                if shape != shapes[hf]:
                     raise CheckpointError(
-                        f"{path.name}: {hf} has shape {shape}, config.json makes it "
-                        f"{table[wanted[hf]].shape}"
+                        f"{path.name}: {hf} has shape {shape}, config.json makes it {shapes[hf]}"
                     )
-    return wanted
 
 
 def _read_state(files: dict[str, Path], wanted: dict[str, str]) -> dict:
@@ -268,17 +293,19 @@ def import_hf(
     source: str | Path,
     run_dir: str | Path,
     *,
-    n_future: int = 4,
-    head_init: str = "copy",
+    n_future: int | None = None,
+    head_init: str | None = None,
     max_seq_len: int | None = None,
     seed: int = 0,
 ) -> Path:
     """A run directory holding one complete checkpoint (step 0) of the Hugging Face model in
-    `source` with `n_future` heads; returns the checkpoint directory."""
+    `source`; returns the checkpoint directory. A Llama-family model gains heads up to
+    `n_future` (default 4), made by `head_init` (default copy); a GLM-4.5 one (glm.py) is a
+    chained model that brings its own modules."""
     source, run_dir = Path(source), Path(run_dir)
-    if n_future < 1:
+    if n_future is not None and n_future < 1:
         raise CheckpointError(f"--n-future must be >= 1 (got {n_future})")
-    if head_init not in HEAD_INIT:
+    if head_init is not None and head_init not in HEAD_INIT:
         raise CheckpointError(f"--head-init must be one of {', '.join(HEAD_INIT)}")
     if run_dir.exists():
         raise CheckpointError(f"{run_dir} already exists; choose a new run directory")
@@ -289,23 +316,52 @@ def import_hf(
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{source / CONFIG}: not JSON ({err})") from None
     tokenizer = _read_tokenizer(source)
-    model = model_config(config, source / CONFIG, n_future, max_seq_len, tokenizer.pad_id)
+    where = source / CONFIG
+    chained = _architecture(config, where) == GLM_ARCH
+    if chained:
+        common = _common_fields(config, where, max_seq_len, tokenizer.pad_id)
+        model, moe = glm.model_config(config, where, common)
+        _check_glm_options(model, n_future, head_init, where)
+        wanted, extra = glm.glm_names(model, moe), glm.zero_experts(model, moe)
+    else:
+        n_future = 4 if n_future is None else n_future
+        model = model_config(config, where, n_future, max_seq_len, tokenizer.pad_id)
+        wanted, extra = _hf_names(model), {}
     if tokenizer.vocab_size > model.vocab_size:
         raise CheckpointError(
             f"{source}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
             f"embedding's {model.vocab_size} rows (config.json vocab_size)"
         )
     files = _shards(source)
-    wanted = _check_tensors(files, model, source)
+    _check_tensors(files, model, source, wanted, extra)
+    if chained:
+        glm.check_dense(files, model, moe, source)
     cfg = RunConfig(run_dir=str(run_dir), model=model, data=DataConfig(tokenizer="hf"))
     cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
+    origin = {"imported_from": str(source), "format": "hf"}
+    if not chained:
+        origin["head_init"] = head_init = head_init or "copy"
     try:
         state = _read_state(files, wanted)
-        add_heads(state, model, head_init, seed)
-        return _write(state, cfg, tokenizer, source, head_init)
+        if not chained:
+            add_heads(state, model, head_init, seed)
+        return _write(state, cfg, tokenizer, origin)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _check_glm_options(model: ModelConfig, n_future, head_init, where: Path) -> None:
+    """A GLM-4.5 checkpoint's modules are its own: --n-future may only restate their number."""
+    if n_future is not None and n_future != model.n_future:
+        raise CheckpointError(
+            f"{where}: a chained model with {model.n_future - 1} MTP layers "
+            f"(num_nextn_predict_layers) has n = {model.n_future}, not --n-future {n_future}"
+        )
+    if head_init is not None:
+        raise CheckpointError(
+            f"{where}: --head-init makes new heads; a chained model brings its own modules"
+        )
 
 
 def _read_tokenizer(source: Path):
@@ -314,11 +370,10 @@ def _read_tokenizer(source: Path):
     return PretrainedTokenizer.from_model_dir(source)
 
 
-def _write(state: dict, cfg: RunConfig, tokenizer, source: Path, head_init: str) -> Path:
+def _write(state: dict, cfg: RunConfig, tokenizer, origin: dict) -> Path:
     import torch
 
     tmp = staging_dir(cfg.run_dir, 0)
     torch.save(state, tmp / "model.pt")
-    origin = {"imported_from": str(source), "format": "hf", "head_init": head_init}
     write_common(tmp, cfg, tokenizer, {"step": 0, **origin})
     return publish(tmp, 0, keep_last=1, meta=origin)

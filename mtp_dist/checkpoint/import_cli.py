@@ -1,7 +1,7 @@
 """`mtp import meta DIR --out RUN_DIR` (a model released in Meta's layout) and `mtp import hf DIR
---out RUN_DIR` (a Llama-family Hugging Face checkpoint, gaining multi-token heads): a run
-directory with one complete checkpoint, which decodes, evaluates and trains (`--init-from`) like
-a native one (docs/interop.md)."""
+--out RUN_DIR` (a Llama-family Hugging Face checkpoint, gaining multi-token heads, or a chained
+model in GLM-4.5's layout with its modules): a run directory with one complete checkpoint, which
+decodes, evaluates and trains (`--init-from`) like a native one (docs/interop.md)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
     )
     print(f"wrote {ckpt}")
-    print(
-        f"next: mtp generate --checkpoint {args.out} --prompt '...' --compare; "
-        f"mtp train heads-cpu --init-from {args.out} run_dir=RUN (its new heads only)"
-    )
+    from ..config import load_config
+
+    train = f"mtp train heads-cpu --init-from {args.out} run_dir=RUN (its new heads only)"
+    if load_config(ckpt / "config.yaml").model.chained:  # its modules are the checkpoint's
+        train = f"mtp train RECIPE --init-from {args.out} with the model.* of {ckpt}/config.yaml"
+    print(f"next: mtp generate --checkpoint {args.out} --prompt '...' --compare; {train}")
     return 0
 
 
@@ -48,20 +50,23 @@ def register(subparsers) -> None:
     )
     meta.set_defaults(func=cmd_import)
     hf = sub.add_parser(
-        "hf", help="a Llama-family Hugging Face checkpoint (Llama, Mistral, Qwen2), plus heads"
+        "hf",
+        help="a Hugging Face checkpoint: Llama, Mistral, Qwen2 (plus heads) or a chained "
+        "model in GLM-4.5's layout",
     )
     hf.add_argument("source", help="directory with config.json, *.safetensors, tokenizer.json")
     hf.add_argument("--out", required=True, help="new run directory (must not exist)")
     hf.add_argument(
         "--n-future",
         type=int,
-        default=4,
-        help="heads n: the checkpoint's last layer is head 1, n - 1 heads are added (default 4)",
+        default=None,
+        help="heads n: the checkpoint's last layer is head 1, n - 1 heads are added (default "
+        "4); a GLM-4.5 (chained) checkpoint has its own",
     )
     hf.add_argument(
         "--head-init",
         choices=("copy", "random"),
-        default="copy",
+        default=None,
         help="new heads: copies of the last layer (default) or freshly initialised",
     )
     hf.add_argument(
