@@ -36,7 +36,7 @@ from ..training.freeze import add_anchor, apply_freeze, zero_link
 from . import checkpointing
 from .head_parallel import HeadParallel, gather_head_metrics, mark_head_params
 from .pipeline import build_pipeline
-from .sequence_parallel import reduce_sequence_parallel_grads
+from .sequence_parallel import SequenceShards, reduce_sequence_parallel_grads
 from .tensor_parallel import MegatronLayers, load_initial_params
 from .topology import MegatronMPU, Topology, check_layout
 
@@ -95,12 +95,17 @@ def build_model(
     if topo.tensor > 1:
         layers = MegatronLayers(cfg.model.init_std, dtype, sequence_parallel)
     head_parallel = topo.head > 1
+    # The chained family's modules read the residual stream on this rank's positions and
+    # gather only before the projection (model/chain.py).
+    shards = SequenceShards(tp_group) if sequence_parallel else None
     model = MTPModel(
         cfg.model,
         layers,
         head_layers=LocalLayers(cfg.model.init_std) if head_parallel else None,
         head_ids=topo.head_ids(rank, cfg.model.n_future) if head_parallel else None,
         head_reduction=HeadParallel(tp_group) if head_parallel else None,
+        sequence_gather=shards.gather if shards else None,
+        sequence_positions=shards.positions if shards else None,
     )
     if head_parallel:
         mark_head_params(model, table)

@@ -12,6 +12,15 @@ The heads, final norm and shared unembedding live on the last stage; the loss fu
 model's own sequential head loss, so the last stage backpropagates its heads one at a time and
 sends one trunk-output gradient upstream.
 
+The chained family (`model.mtp_arch=chained`): the whole chain (depth 0 and the modules) is on
+the last stage, and its modules read the input embedding of the tokens ahead, which the loss
+function embeds from the labels. The last stage therefore holds the embedding too, tied to the
+first stage's (Megatron's embedding group): the embedding layer and the chain's stage are
+DeepSpeed TiedLayerSpecs of one key, so DeepSpeed sums `embed.weight`'s gradient over the two
+stages before the optimizer step (ReduceTiedGrads), the same sum on both, and counts it once
+in the gradient norm (`ds_pipe_replicated` on the last stage's copy). The parallel family's
+layers are unchanged.
+
 Frozen layers (`train.freeze`): DeepSpeed's schedule runs a backward on every stage and sends a
 gradient for every activation it received (it marks each one requires_grad and asserts that
 its .grad exists). When nothing before a stage trains, that gradient is never used, so the
@@ -113,6 +122,26 @@ class HeadStage(_Rotary):
     def run(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        return self.heads(h, labels, *self.tables(h.shape[1]))
+
+
+class ChainStage(HeadStage):
+    """The chained family's last stage: the chain, and the tied copy of the input embedding
+    that embeds its modules' tokens from the labels (MTPModel.embed_ahead)."""
+
+    def __init__(self, model: MTPModel, sequence_shards: int) -> None:
+        super().__init__(model, sequence_shards)
+        self.embed = model.embed
+        # embed_ahead reads model.embed (this stage's module) and the model's sequence split;
+        # the model is not registered here (its other parameters belong to other stages).
+        object.__setattr__(self, "_embed_ahead", model.embed_ahead)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        cos, sin = self.tables(h.shape[1])
+        positions = torch.arange(cos.shape[0], device=h.device)
+        return self.heads(h, labels, cos, sin, self._embed_ahead(labels, positions))
+
 
 class HeadLoss:
     """The PipelineModule's loss_fn: the heads' loss on h; keeps each micro-batch's LossOutput
@@ -124,7 +153,7 @@ class HeadLoss:
         self.link: StageLink | None = None  # the last stage's, when something is frozen
 
     def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        out = self.stage.heads(h, labels, *self.stage.tables(h.shape[1]))
+        out = self.stage.loss(h, labels)
         self.outputs.append(out)
         # Linked here, not to h: a frozen trunk output needs no gradient from the heads.
         return out.loss if self.link is None else self.link.link(out.loss)
@@ -133,8 +162,49 @@ class HeadLoss:
 def pipeline_layers(model: MTPModel, sequence_shards: int = 1) -> tuple[list[nn.Module], HeadLoss]:
     stages: list[nn.Module] = [EmbedStage(model.embed)]
     stages += [TrunkStage(block, model, sequence_shards) for block in model.trunk]
-    head = HeadStage(model, sequence_shards)
+    head = (ChainStage if model.cfg.chained else HeadStage)(model, sequence_shards)
     return stages + [head], HeadLoss(head)
+
+
+EMBED_KEY = "embed"  # the chained family's tie: the embedding layer and the chain's stage
+
+
+def _tied_layer(layer: nn.Module, key: str, weight: str):
+    """A TiedLayerSpec of an already built layer (build_model builds the whole model on each
+    rank and the layers hold its modules): DeepSpeed keeps it on the stage that owns it and
+    sums the gradient of `weight` (a dotted attribute path) over the stages tied by `key`."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    class Built(TiedLayerSpec):
+        def build(self, log: bool = False) -> nn.Module:
+            return layer
+
+    return Built(key, type(layer), tied_weight_attr=[weight])
+
+
+def _module_specs(layers: list[nn.Module], chained: bool) -> list:
+    """What the PipelineModule is given: the layers themselves, except that a chain's
+    embedding layer and last stage are tied by the embedding (the module docstring)."""
+    if not chained:
+        return list(layers)
+    first, last = layers[0], layers[-1]
+    return [
+        _tied_layer(first, EMBED_KEY, "embed.weight"),
+        *layers[1:-1],
+        _tied_layer(last, EMBED_KEY, "embed.weight"),
+    ]
+
+
+def _count_tied_embedding_once(module) -> None:
+    """DeepSpeed marks every parameter of a tied layer on the later stages `ds_pipe_replicated`
+    (left out of the gradient norm, counted on the first stage instead); of the chain's stage
+    only the embedding is replicated: its own parameters (the chain) count here."""
+    comm = module.tied_comms.get(EMBED_KEY)
+    if comm is None or module.global_rank == comm["ranks"][0]:
+        return
+    stage = comm["module"]
+    for param in stage.heads.parameters():
+        param.ds_pipe_replicated = False
 
 
 def _trains(layers: list[_Layer]) -> bool:
@@ -168,13 +238,14 @@ def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 
 
     layers, loss = pipeline_layers(model, sequence_shards)
     module = PipelineModule(
-        layers=layers,
+        layers=_module_specs(layers, model.cfg.chained),
         loss_fn=loss,
         topology=topology,
         partition_method="uniform",  # by layer count: embedding, blocks, heads
         base_seed=seed,
         activation_checkpoint_interval=0,
     )
+    _count_tied_embedding_once(module)
     # This rank's layer range (DeepSpeed 0.19.8 keeps it in these attributes).
     mark_frozen(layers, loss, module._local_start, module._local_stop)
     return module, loss

@@ -137,6 +137,24 @@ def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceScatterSequence.apply(x, group)
 
 
+class SequenceShards:
+    """What the chained family's model needs to know of the sequence split (MTPModel's
+    `sequence_gather` and `sequence_positions`): this rank holds positions
+    [rank * T / tp, (rank + 1) * T / tp) of the residual stream, in rank order."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """A module's normed output (B, t, d) -> the whole sequence, for the projection."""
+        return gather_sequence(x, self.group)
+
+    def positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The sequence's positions (T,) -> this rank's (T / tp,)."""
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        return positions.chunk(world)[rank]
+
+
 class GatheringNorm(RMSNorm):
     """RMSNorm on this rank's slice of the sequence, then one all-gather for the column layers
     that read it. Its weight sees only this rank's tokens, so its gradient is summed over the

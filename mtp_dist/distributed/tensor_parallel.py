@@ -185,10 +185,14 @@ class MegatronLayers:
         )
 
     def replicated(self, in_features: int, out_features: int) -> nn.Module:
-        # Whole on every rank, like the norms: its input and output gradient are complete on
-        # each rank, so its weight gradient is identical everywhere with no collective.
+        # Whole on every rank, like the norms. Without sequence parallelism its input and
+        # output gradient are complete on each rank, so its weight gradient is identical
+        # everywhere with no collective; with it, the layer sees this rank's positions only
+        # and its gradient is summed over the group, as a norm's (`sequence_parallel` marker).
         linear = nn.Linear(in_features, out_features, bias=False, dtype=self.config.params_dtype)
         self._init(linear.weight)
+        if self.sequence_parallel:
+            linear.weight.sequence_parallel = True
         return linear
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:

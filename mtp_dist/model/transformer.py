@@ -77,6 +77,7 @@ class MTPModel(nn.Module):
         head_ids: Sequence[int] | None = None,
         head_reduction: HeadReduction | None = None,
         sequence_gather=None,
+        sequence_positions=None,
     ) -> None:
         """`layers` builds every layer; `head_layers`, if given, the heads and the shared
         unembedding instead (head parallelism keeps them whole under a tensor-parallel trunk).
@@ -84,12 +85,15 @@ class MTPModel(nn.Module):
         `head_reduction` sums what they share with the heads held elsewhere (head
         parallelism; the model itself knows no process group). `sequence_gather` (chained
         family, sequence parallelism) gathers a module's output over the sequence before the
-        projection."""
+        projection; `sequence_positions` maps the sequence's positions (T,) to those of this
+        rank's slice of the residual stream (default identity), for the chained modules'
+        position-0 rule."""
         super().__init__()
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be set (normally from the tokenizer)")
         layers = layers or LocalLayers(cfg.init_std)
         self.cfg = cfg
+        self._sequence_positions = sequence_positions or (lambda positions: positions)
         held = set(range(cfg.n_future) if head_ids is None else head_ids)
         trunk, blocks, unembed = [], {}, None
         for owner, build in construction_plan(cfg):
@@ -166,14 +170,17 @@ class MTPModel(nn.Module):
     def embed_ahead(self, labels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """Chained modules' token inputs: E x_{t+k} for k = 1..n-1 at input positions
         `positions` (T,), each (B, T, d), zero at sequence position 0. labels[:, j] is token
-        j + 1, so module k at position t reads labels[:, t + k - 1]."""
+        j + 1, so module k at position t reads labels[:, t + k - 1]. Under sequence
+        parallelism the embedding returns this rank's slice of the T positions, and
+        `sequence_positions` says which."""
         T = positions.shape[-1]
+        local = self._sequence_positions(positions)
         out = []
         for k in range(1, self.cfg.n_future):
             ids = labels[:, k - 1 : k - 1 + T].clamp(min=0)  # ignored labels (-100) embed as 0
             if ids.shape[1] < T:  # short labels: those positions' targets lie past the end
                 ids = torch.nn.functional.pad(ids, (0, T - ids.shape[1]))
-            out.append(zero_first_position(self.embed(ids), positions))
+            out.append(zero_first_position(self.embed(ids), local))
         return out
 
     @torch.no_grad()

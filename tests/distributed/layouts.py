@@ -41,7 +41,18 @@ LAYOUTS = {
     # sequence parallelism
     "tp2_imported": (2, {"tensor": 2, "zero_stage": 1}),
     "tp2_sp_imported": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
-}
+    # the chained family (CHAINED below): ZeRO 1-3, tensor parallelism with and without
+    # sequence parallelism, the pipeline with the whole chain and a tied embedding on its last
+    # stage (alone, and with tensor + sequence parallelism)
+    "dp2_zero1_chained_freeze": (2, {"zero_stage": 1}),
+    "dp2_zero2_chained": (2, {"zero_stage": 2}),
+    "dp2_zero3_chained": (2, {"zero_stage": 3}),
+    "tp2_chained": (2, {"tensor": 2, "zero_stage": 1}),
+    "tp2_sp_chained": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
+    "pp2_chained": (2, {"pipeline": 2, "zero_stage": 1}),
+    "tp2_pp2_sp_chained": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True,
+                               "zero_stage": 1}),
+}  # fmt: skip
 # Options some layouts train with; each must still give the plain single-process reference.
 # model.loss_chunk: the chunked head cross-entropy under the vocab-parallel loss (tp2), with
 # sequence parallelism (tp2_sp: each rank's chunk is gathered over the sequence) and head
@@ -87,8 +98,26 @@ OPTIONS.update({
 # embedding's shard; its two gradients add up on that shard).
 IMPORTED = {"attn_bias": True, "head_dim": 12, "tie_embeddings": True, "n_kv_heads": 2}
 OPTIONS.update({"tp2_imported": {"model": IMPORTED}, "tp2_sp_imported": {"model": IMPORTED}})
+# The chained family: each layout against a chained reference. Recompute (trunk layers only:
+# the modules are not recomputed, docs/distributed.md) and the chunked loss ride along as on the
+# parallel layouts; ZeRO-3 with tied embeddings (the chain's projection and the modules' inputs
+# both use the gathered embedding) and train.freeze=trunk on ZeRO-1 (the embedding is frozen,
+# so the modules' embedded inputs carry no gradient; trunk_and_head1 is dp2_zero3_chained's...
+CHAINED = {"mtp_arch": "chained"}
+OPTIONS.update({
+    "dp2_zero1_chained_freeze": {"model": CHAINED, "train": {"freeze": "trunk"}},
+    "dp2_zero2_chained": {"model": {**CHAINED, "loss_chunk": 6},
+                          "train": {"recompute": "selective"}},
+    "dp2_zero3_chained": {"model": {**CHAINED, "tie_embeddings": True},
+                          "train": {"recompute": "full"}},
+    "tp2_chained": {"model": {**CHAINED, "loss_chunk": 6}, "train": {"recompute": "full"}},
+    "tp2_sp_chained": {"model": {**CHAINED, "loss_chunk": 6},
+                       "train": {"recompute": "selective"}},
+    "pp2_chained": {"model": CHAINED, "train": {"recompute": "full"}},
+    "tp2_pp2_sp_chained": {"model": {**CHAINED, "n_kv_heads": 2}},
+})  # fmt: skip
 FREEZE = {n: o["train"]["freeze"] for n, o in OPTIONS.items() if "freeze" in o.get("train", {})}
-MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings", "attn_bias", "head_dim")
+MODEL_CHANGING = ("n_kv_heads", "n_future", "tie_embeddings", "attn_bias", "head_dim", "mtp_arch")
 """Options that change the model itself: the layout's reference is built with them."""
 TRAIN_CHANGING = ("freeze",)
 """Options that change what trains: the layout's reference trains with them."""
