@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-NAMES = ("n-code", "induction", "polynomials", "bytes")
+NAMES = ("n-code", "induction", "induction-random", "polynomials", "bytes")
 MAX_DEFAULT_JOBS = 8
 """--jobs defaults to one run per usable core, at most this many (each run needs ~0.5-1 GB)."""
 

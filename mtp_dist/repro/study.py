@@ -60,7 +60,8 @@ class Study:
     metrics: list[str]
     """Metrics shown in the table, in order."""
     curve: str | None = None
-    """A metric also measured at every checkpoint (train.ckpt_every): a curve over steps."""
+    """A metric (higher is better) also measured at every checkpoint (train.ckpt_every): a
+    curve over steps, and `<curve>_best`, its best checkpoint's value."""
     curve_points: int = 5
     smoke_overrides: tuple[str, ...] = ()
     notes: str = ""
@@ -113,6 +114,8 @@ def train_one(study: Study, variant: Variant, seed: int, run_dir: Path, corpus: 
         for ckpt in sorted((run_dir / "checkpoints").glob("step_*")):
             step = int(ckpt.name.split("_")[1])
             curve.append((step, study.measure(ckpt, smoke)[study.curve]))
+        # the best checkpoint, as early stopping on the measured metric would pick it
+        metrics[f"{study.curve}_best"] = max(value for _, value in curve)
     val = trainer.val_history[-1]["head_losses"] if trainer.val_history else []
     result = {
         "variant": variant.label,
