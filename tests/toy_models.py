@@ -79,15 +79,17 @@ def train_toy_model(
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    **options,
 ) -> MTPModel:
-    """An MTPModel (float32, eval mode) trained on random windows of the tokenized texts."""
+    """An MTPModel (float32, eval mode) trained on random windows of the tokenized texts.
+    `options`: further ModelConfig fields (e.g. mtp_arch="chained", n_attn_heads)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ids: list[int] = []
     for text in texts:
         ids += tokenizer.encode(text) + [tokenizer.eos_id]
     data = torch.tensor(ids)
-    cfg = ModelConfig(
+    shape = dict(
         vocab_size=ckpt.padded_vocab(tokenizer.vocab_size),
         d_model=d_model,
         n_layers=trunk_layers + n_future,
@@ -95,6 +97,7 @@ def train_toy_model(
         n_future=n_future,
         max_seq_len=max_seq_len,
     )
+    cfg = ModelConfig(**{**shape, **options})
     model = MTPModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     window = seq_len + n_future
