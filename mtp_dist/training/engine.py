@@ -146,7 +146,11 @@ def summarize(outputs, tokens: int) -> StepMetrics:
 def recompute_targets(model: MTPModel, mode: str) -> list[nn.Module]:
     """The modules `train.recompute` recomputes: none; each trunk layer's MLP ('selective'); each
     trunk layer ('full'). The heads never: the sequential loss runs each head's forward and
-    backward back to back, so its activations are freed as soon as they are used anyway."""
+    backward back to back, so its activations are freed as soon as they are used anyway.
+    Nor a chain's depths (depth 0 and the modules, model/chain.py): their block activations do
+    stay until the chain's reverse sweep, n layers' worth, but they run as functional calls on
+    parameter-free templates inside the sequential Function, and the knob is defined on the
+    trunk (config's train.recompute, the planner's memory model); docs/distributed.md."""
     if mode == "none":
         return []
     if mode == "selective":

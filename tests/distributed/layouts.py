@@ -50,6 +50,7 @@ LAYOUTS = {
     "tp2_chained": (2, {"tensor": 2, "zero_stage": 1}),
     "tp2_sp_chained": (2, {"tensor": 2, "sequence_parallel": True, "zero_stage": 1}),
     "pp2_chained": (2, {"pipeline": 2, "zero_stage": 1}),
+    "pp2_chained_freeze": (2, {"pipeline": 2, "zero_stage": 1}),
     "tp2_pp2_sp_chained": (4, {"tensor": 2, "pipeline": 2, "sequence_parallel": True,
                                "zero_stage": 1}),
 }  # fmt: skip
@@ -99,10 +100,12 @@ OPTIONS.update({
 IMPORTED = {"attn_bias": True, "head_dim": 12, "tie_embeddings": True, "n_kv_heads": 2}
 OPTIONS.update({"tp2_imported": {"model": IMPORTED}, "tp2_sp_imported": {"model": IMPORTED}})
 # The chained family: each layout against a chained reference. Recompute (trunk layers only:
-# the modules are not recomputed, docs/distributed.md) and the chunked loss ride along as on the
-# parallel layouts; ZeRO-3 with tied embeddings (the chain's projection and the modules' inputs
-# both use the gathered embedding) and train.freeze=trunk on ZeRO-1 (the embedding is frozen,
-# so the modules' embedded inputs carry no gradient; trunk_and_head1 is dp2_zero3_chained's...
+# the modules are not, docs/distributed.md) and the chunked loss ride along as on the parallel
+# layouts. ZeRO-3 with tied embeddings: the chain's projection and the modules' inputs both use
+# the gathered embedding. train.freeze: 'trunk' on ZeRO-1 (the embedding is frozen, so the
+# modules' embedded inputs carry no gradient; depth 0, the modules and U train);
+# 'trunk_and_head1' on the pipeline (only the modules train: the first stage trains nothing,
+# and the tied embedding is frozen on both stages).
 CHAINED = {"mtp_arch": "chained"}
 OPTIONS.update({
     "dp2_zero1_chained_freeze": {"model": CHAINED, "train": {"freeze": "trunk"}},
@@ -114,6 +117,7 @@ OPTIONS.update({
     "tp2_sp_chained": {"model": {**CHAINED, "loss_chunk": 6},
                        "train": {"recompute": "selective"}},
     "pp2_chained": {"model": CHAINED, "train": {"recompute": "full"}},
+    "pp2_chained_freeze": {"model": CHAINED, "train": {"freeze": "trunk_and_head1"}},
     "tp2_pp2_sp_chained": {"model": {**CHAINED, "n_kv_heads": 2}},
 })  # fmt: skip
 FREEZE = {n: o["train"]["freeze"] for n, o in OPTIONS.items() if "freeze" in o.get("train", {})}
