@@ -79,6 +79,7 @@ class ChainDrafts:
             state.select(keep)
             cache.select(keep)
         self.carry = [None if c is None else c[keep] for c in self.carry]
+        self.last_hidden = [h[keep] for h in self.last_hidden]
 
     def __call__(
         self,

@@ -74,9 +74,10 @@ def _check_speculative(args: argparse.Namespace, generator) -> None:
     if args.speculative and args.temperature > 0:
         raise ConfigError("--speculative decodes greedily: it needs --temperature 0")
     if args.n_draft != "auto" and not 0 <= args.n_draft < heads:
+        drafters = "chained modules" if generator.model.cfg.chained else "heads"
         raise ConfigError(
-            f"--n-draft {args.n_draft}: must be in 0..{heads - 1} (this model has {heads} heads: "
-            f"the next-token one and {heads - 1} to draft with)"
+            f"--n-draft {args.n_draft}: must be in 0..{heads - 1} (this model predicts {heads} "
+            f"tokens: the next one and {heads - 1} by {drafters} to draft with)"
         )
 
 
@@ -98,16 +99,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def mode_line(name: str, stats, plain_seconds: float | None = None, same=None) -> str:
+def mode_line(
+    name: str, stats, plain_seconds: float | None = None, same=None, drafters: str = "draft heads"
+) -> str:
     """One plain line about a decoding run: tokens, speed, tokens per forward (and, for the
-    speculative run of --compare, its speed-up and whether its text equals greedy's)."""
+    speculative run of --compare, its speed-up and whether its text equals greedy's).
+    `drafters`: what drafted ("draft heads", "chained modules")."""
     line = (
         f"{name}: {stats.tokens} tokens in {stats.seconds:.2f} s, "
         f"{stats.tokens / max(stats.seconds, 1e-9):.1f} tokens/s, "
         f"{stats.tokens_per_forward:.2f} tokens per forward"
     )
     if stats.drafts_at_end is not None:
-        line += f" ({stats.drafts_at_end} draft heads)"
+        line += f" ({stats.drafts_at_end} {drafters})"
     if plain_seconds is not None:
         line += f", {plain_seconds / max(stats.seconds, 1e-9):.2f}x plain greedy"
     if same is not None:
@@ -156,11 +160,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ("speculative" if spec else "plain"): {"finish_reason": c.finish_reason, **st.as_dict()}
         for spec, (c, st) in runs.items()
     }
+    drafters = "chained modules" if model.cfg.chained else "draft heads"
     if args.compare:
         same = runs[True][0].tokens == runs[False][0].tokens
         plain_s = runs[False][1].seconds
         print(mode_line("plain greedy", runs[False][1]), file=sys.stderr)
-        print(mode_line("self-speculative", runs[True][1], plain_s, same), file=sys.stderr)
+        spec_line = mode_line("self-speculative", runs[True][1], plain_s, same, drafters)
+        print(spec_line, file=sys.stderr)
         if args.json:
             print(json.dumps({**reports, "identical_to_greedy": same}), file=sys.stderr)
     else:
@@ -170,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(next(iter(reports.values()))), file=sys.stderr)
         else:
-            print(mode_line(name, stats), file=sys.stderr)
+            print(mode_line(name, stats, drafters=drafters), file=sys.stderr)
     return 0
 
 
@@ -200,8 +206,8 @@ def register(subparsers) -> None:
         "--n-draft",
         type=_draft_count,
         default="auto",
-        help="draft heads to use: a number, or auto (default: start with all and drop the last "
-        "while fewer than a quarter of its drafts are accepted)",
+        help="draft heads (chained models: modules) to use: a number, or auto (default: start "
+        "with all and drop the last while fewer than a quarter of its drafts are accepted)",
     )
     p.add_argument(
         "--compare",

@@ -18,6 +18,10 @@ float64 tests — see docs/speculative_decoding.md). Sequences accept different 
 different amounts: the cache keeps per-sequence lengths and the block positions are per sequence,
 and finished sequences leave the batch (the caches are compacted), so batching never falls back
 to one sequence at a time.
+
+Chained models (`model.mtp_arch=chained`) decode the same way with "head 1" = the main model
+(trunk, depth 0, final norm, U); their drafts come from the chained modules, each fed the
+previous one's draft, with KV caches of their own (chain.py).
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class DecodeStats:
     """Per block position j: how often the token there could have been emitted."""
     accepted: list[int] = field(default_factory=list)
     """Per block position j: how often it was (position 0, head 1's token, always is)."""
+    verified: list[int] = field(default_factory=list)
+    """Per block position j: how often a block held it (a draft made and checked), whether
+    or not the budget could take it. verified[1] is vLLM's num_drafts, sum(verified[1:]) its
+    num_draft_tokens."""
+    matched: list[int] = field(default_factory=list)
+    """Per block position j: how often its draft equalled head 1's greedy token, as did every
+    draft before it, whether or not the budget could take it (vLLM's
+    num_accepted_tokens_per_pos[j-1]: speculative decoding's own counter)."""
     seconds: float = 0.0
     drafts_at_end: int | None = None
     """Draft heads in use when the run ended (n_draft="auto" may drop some); None if plain."""
@@ -62,6 +74,8 @@ class DecodeStats:
     def __post_init__(self) -> None:
         self.proposed = self.proposed or [0] * self.width
         self.accepted = self.accepted or [0] * self.width
+        self.verified = self.verified or [0] * self.width
+        self.matched = self.matched or [0] * self.width
 
     @property
     def tokens_per_forward(self) -> float:
@@ -72,9 +86,16 @@ class DecodeStats:
         """Per head position (1..width): fraction of its proposals that were emitted."""
         return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
 
+    @property
+    def accepted_drafts_per_position(self) -> list[int]:
+        """Drafts at block positions 1..width-1 that matched (with all before them): the
+        per-position counter serving engines report."""
+        return self.matched[1:]
+
     def merge(self, other: DecodeStats) -> DecodeStats:
         width = max(self.width, other.width)
         pad = lambda xs: xs + [0] * (width - len(xs))
+        add = lambda a, b: [x + y for x, y in zip(pad(a), pad(b))]
         return DecodeStats(
             width=width,
             sequences=self.sequences + other.sequences,
@@ -82,8 +103,10 @@ class DecodeStats:
             forwards=self.forwards + other.forwards,
             steps=self.steps + other.steps,
             mixed_steps=self.mixed_steps + other.mixed_steps,
-            proposed=[a + b for a, b in zip(pad(self.proposed), pad(other.proposed))],
-            accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
+            proposed=add(self.proposed, other.proposed),
+            accepted=add(self.accepted, other.accepted),
+            verified=add(self.verified, other.verified),
+            matched=add(self.matched, other.matched),
             seconds=self.seconds + other.seconds,
             drafts_at_end=_smallest(self.drafts_at_end, other.drafts_at_end),
         )
@@ -97,6 +120,8 @@ class DecodeStats:
             "mixed_steps": self.mixed_steps,
             "tokens_per_forward": round(self.tokens_per_forward, 4),
             "acceptance_rate": [round(r, 4) for r in self.acceptance_rate],
+            "accepted_drafts_per_position": self.accepted_drafts_per_position,
+            "verified_drafts_per_position": self.verified[1:],
             "drafts_at_end": self.drafts_at_end,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None,
@@ -220,7 +245,8 @@ class Decoder:
         stoppers: Sequence[Stopper | None] | None = None,
     ) -> DecodeResult:
         """Generate up to max_new_tokens per prompt (fewer where the context is full or a
-        stopper fires). speculative=True is greedy with `n_draft` draft heads (default: all);
+        stopper fires). speculative=True is greedy with `n_draft` draft heads (chained
+        models: the first n_draft modules) (default: all);
         n_draft="auto" starts with all and drops the last while it is rarely accepted
         (`AutoDrafts`)."""
         auto = n_draft == "auto"
@@ -404,6 +430,8 @@ class _Run:
         for j in range(1, w):
             self.stats.proposed[j] += sum(1 for r in left if j < r)
             self.stats.accepted[j] += sum(1 for a, r in zip(acc, left) if j < r and a >= j)
+            self.stats.verified[j] += B
+            self.stats.matched[j] += sum(1 for a in acc if a >= j)
         self._count_forward()
         blocks, pend = block.tolist(), self.pending.tolist()
         self._emit([blocks[b][1 : acc[b] + 1] + [pend[b]] for b in range(B)])
@@ -429,6 +457,8 @@ class _Run:
         self.stats.steps += 1
         self.stats.proposed[0] += len(self.active)
         self.stats.accepted[0] += len(self.active)
+        self.stats.verified[0] += len(self.active)
+        self.stats.matched[0] += len(self.active)
 
     def _emit(self, new_tokens: list[list[int]]) -> None:
         """Append each row's new tokens in order until its budget or stopper ends it; drop
