@@ -2,8 +2,9 @@
 
 Per rank: bytes of weights, gradients and optimizer state (by engine, ZeRO stage and precision),
 of activations (per trunk layer, by tensor / sequence parallelism, pipeline schedule and
-recompute) and of the heads' loss (sequential, naive or chunked); then the FLOPs per token
-(the n heads and the unembedding counted n times), the step time at a given MFU, tokens per day
+recompute) and of the heads' loss (sequential, naive or chunked; the parallel heads or the
+chain of `model.mtp_arch=chained`); then the FLOPs per token (the n heads or depths and the
+unembedding counted n times), the step time at a given MFU, tokens per day
 and days to a token budget. No process group, no model weights: the parameter shapes come from
 the parameter table (`mtp_dist.model.parameter_table`, built on the meta device); what a
 rank holds and what of it trains under `train.freeze`: mtp_dist/plan_params.py.
@@ -117,6 +118,8 @@ def check_layout(cfg: RunConfig, lay: Layout) -> str | None:
         return "head must be 1 or equal to tensor"
     if lay.head > m.n_future:
         return f"head {lay.head} > n_future {m.n_future}"
+    if m.chained and lay.head > 1:  # config.validate's rule: module k reads module k-1
+        return "head parallelism does not apply to model.mtp_arch=chained"
     if m.n_attn_heads % t or m.kv_heads % t or m.ffn_width % t or vocab_size(cfg) % t:
         return f"attention heads, kv heads, ffn width and vocab must divide by tensor {t}"
     if lay.pipeline > 1 and lay.zero_stage >= 2:
@@ -194,6 +197,8 @@ def heads_elements(cfg: RunConfig, lay: Layout, graph_heads: int) -> dict[str, f
     which the caller adds over `chunk_tokens` tokens instead of the micro-batch (it does not
     scale with the micro-batch). `graph_heads`: the rank's heads whose loss is differentiated
     (a frozen head 1 is only evaluated, without a graph: it keeps nothing)."""
+    if cfg.model.chained:
+        return chain_elements(cfg, lay, graph_heads)
     m, t = cfg.model, lay.tensor
     v = vocab_size(cfg) / t
     layer = layer_activation_elements(cfg, lay, "none")
@@ -201,6 +206,34 @@ def heads_elements(cfg: RunConfig, lay: Layout, graph_heads: int) -> dict[str, f
         return {"layers": graph_heads * layer, "logits": graph_heads * v + 2 * v, "h": 0.0}
     h = (2 if trunk_trains(cfg) else 1) * m.d_model
     return {"layers": layer, "logits": 0.0 if m.loss_chunk else LOGIT_COPIES * v, "h": h}
+
+
+def chain_elements(cfg: RunConfig, lay: Layout, graph_depths: int) -> dict[str, float]:
+    """`heads_elements` of the chained family (mtp_dist/model/chain.py): depth 0's layer and the
+    n-1 modules, each depth's graph kept until the reverse sweep (docs/sequential_heads.md).
+
+    A depth whose loss is differentiated keeps its layer's activations and, for its output
+    norm and output, 4d + 1: the norm's input, rsqrt and normalised x, the output and its
+    gradient (the naive loss has no separate output gradient: 3d + 1). A module keeps more,
+    5d + 2: its token's embedding, enorm's and hnorm's rsqrt and normalised x, and the
+    (2d) concatenation eh_proj saves. A frozen depth 0 (`trunk_and_head1`) is evaluated
+    without a graph and keeps its output only (d). These are the module's own activations
+    (`modules`); the rest as the parallel heads: sequential, one depth's 3V' (chunked: over
+    a chunk, added by the caller) and the trunk output h with its gradient; naive, every
+    differentiated depth's log-probabilities plus two gradients. The chain's norms and
+    eh_proj run on this rank's positions (÷t under sequence parallelism); the projection
+    gathers them (V' per token of the whole micro-batch, as the parallel heads)."""
+    m, t = cfg.model, lay.tensor
+    d, v, n = m.d_model, vocab_size(cfg) / t, m.n_future
+    sp = t if lay.sequence_parallel else 1
+    layer = layer_activation_elements(cfg, lay, "none")
+    naive = m.loss_impl == "naive"
+    depth = layer + (3 * d + 1 if naive else 4 * d + 1) / sp
+    kept = graph_depths * depth + (n - graph_depths) * d / sp + (n - 1) * (5 * d + 2) / sp
+    if naive:
+        return {"modules": kept, "logits": graph_depths * v + 2 * v, "h": 0.0}
+    h = (2 if trunk_trains(cfg) else 1) * d
+    return {"modules": kept, "logits": 0.0 if m.loss_chunk else LOGIT_COPIES * v, "h": h}
 
 
 DS_REDUCE_BUCKET = 500_000_000
@@ -346,7 +379,11 @@ def flops_per_token(cfg: RunConfig, counts: ParamCounts) -> dict[str, float]:
     not 3x), so does a frozen head 1; a frozen unembedding (or a tied one under 'trunk') still
     passes the gradient to the heads that train (2 + 2 per weight, no weight gradient).
     `hardware` adds the forward re-run by recompute (selective: the MLP's 3·d·f; full: the
-    whole trunk layer); a frozen trunk is not recomputed."""
+    whole trunk layer); a frozen trunk is not recomputed.
+
+    The chained family: depth 0 and the n-1 modules are the n head layers, each projected by
+    U; a module adds its eh_proj (d x 2d, forward and backward: modules train in every freeze
+    mode) and an embedding lookup (no matmul)."""
     m, s = cfg.model, cfg.data.seq_len
     n, layers = m.n_future, m.trunk_layers
     forward = 2 * counts.layer_matmul + 4 * s * m.n_attn_heads * m.attn_head_dim
@@ -355,7 +392,10 @@ def flops_per_token(cfg: RunConfig, counts: ParamCounts) -> dict[str, float]:
     heads = graph * 3 * forward + (n - graph) * forward
     u = counts.unembed_matmul
     unembed = 2 * u * n + 2 * u * graph * (1 + projection_trains(cfg))
-    model = trunk + heads + unembed
+    eh_proj = 0
+    if m.chained:  # modules 1..n-1: a layer's matmuls and eh_proj's
+        eh_proj = (n - 1) * 6 * (counts.module_matmul - counts.layer_matmul)
+    model = trunk + heads + unembed + eh_proj
     rerun = {
         "none": 0.0,
         "selective": 2 * 3 * m.d_model * m.ffn_width,
@@ -374,6 +414,8 @@ class Plan:
     """Parameters that train under `freeze` (the rest: weights only)."""
     freeze: str
     """train.freeze."""
+    mtp_arch: str
+    """model.mtp_arch: 'parallel' heads or 'chained' modules."""
     vocab_size: int
     tokens_per_step: int | None
     flops_per_token: float
@@ -449,6 +491,7 @@ def make_plan(cfg: RunConfig, hw: Hardware, tokens: float, recipe: str = "") -> 
         params_total=counts.total,
         trainable_params=counts.trainable,
         freeze=cfg.train.freeze,
+        mtp_arch=cfg.model.mtp_arch,
         vocab_size=vocab_size(cfg),
         tokens_per_step=per_step,
         flops_per_token=fl["model"],

@@ -83,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     if plan.freeze != "none":  # frozen parameters: weights only, no gradients or optimizer
         trainable = f" ({plan.trainable_params / 1e9:.3f} B trainable, train.freeze={plan.freeze})"
     where = f"layout {own.layout.name()} " if own else ""
+    n = cfg.model.n_future
+    family = f"chained, n_future {n}" if cfg.model.chained else f"{n} heads"
     print(
         f"{recipe}: {plan.params_total / 1e9:.3f} B parameters{trainable}, "
-        f"vocab {plan.vocab_size}, {cfg.model.n_future} heads, {where}on {args.gpus} GPUs"
+        f"vocab {plan.vocab_size}, {family}, {where}on {args.gpus} GPUs"
     )
     if own is None:  # a question about other GPUs than the recipe's: answered by the candidates
         print(f"{plan.layout_misfit}: the layouts below do")

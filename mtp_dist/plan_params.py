@@ -2,6 +2,9 @@
 trains under `train.freeze`, what one rank of a layout holds, and the bytes of its weights,
 gradients and optimizer state.
 
+Both families: the parallel heads (`model.mtp_arch=parallel`) and the chain (`chained`: depth 0
+is a head layer, modules 1..n-1 add three norms and an eh_proj of d x 2d to theirs).
+
 The whole-model counts come from the parameter table (`mtp_dist.model.parameter_table`, built on
 the meta device), so an explicit `model.head_dim`, q/k/v biases and tied embeddings are counted
 as the model builds them. The per-rank counts are formulas over the same shapes (a rank's share
@@ -66,6 +69,11 @@ class ParamCounts:
     """Matmul weights of one layer (trunk or head; norms and biases are no matmuls)."""
     unembed_matmul: int
     """The unembedding's V x d, spent by every head whether or not it is tied."""
+    module: int = 0
+    """Parameters of one chained module (its layer, three norms, eh_proj); 0: none (the
+    parallel family, or a chain of n_future 1)."""
+    module_matmul: int = 0
+    """Matmul weights of one chained module: its layer's and eh_proj's d x 2d."""
 
 
 def param_counts(cfg: RunConfig) -> ParamCounts:
@@ -94,6 +102,8 @@ def param_counts(cfg: RunConfig) -> ParamCounts:
         largest_trainable=max(train.values(), default=0),
         layer_matmul=matmul[("head", 0)],
         unembed_matmul=m.vocab_size * m.d_model,
+        module=by.get(("head", 1), 0) if m.chained else 0,
+        module_matmul=matmul.get(("head", 1), 0) if m.chained else 0,
     )
 
 
@@ -147,7 +157,12 @@ def rank_param_counts(cfg: RunConfig, lay, stage: int) -> tuple[int, int]:
     A layer: q (d x H hd), k and v (d x Hkv hd each), o (H hd x d), the SwiGLU's 3 d f, the q/k/v
     biases when model.attn_bias (split with their columns), and two norms of d. Tied embeddings
     (pipeline 1, head 1: the embedding and the heads on the one stage) have no projection of
-    their own: the embedding's matrix is counted once."""
+    their own: the embedding's matrix is counted once.
+
+    The chained family (head 1 always): depth 0 is a layer, each of the n-1 modules a layer
+    plus `chain_module_extra`; on a pipeline the last stage also holds a copy of the embedding
+    (its modules embed the tokens ahead; tied to the first stage's, mtp_dist/distributed/
+    pipeline.py), which trains with the trunk."""
     m, t, mode = cfg.model, lay.tensor, cfg.train.freeze
     d, f, v = m.d_model, m.ffn_width, vocab_size(cfg)
     q, kv = m.n_attn_heads * m.attn_head_dim, m.kv_heads * m.attn_head_dim
@@ -159,9 +174,22 @@ def rank_param_counts(cfg: RunConfig, lay, stage: int) -> tuple[int, int]:
     if heads:
         n_heads, n_train = head_share(cfg, lay)
         shared = d + (0 if m.tie_embeddings else v * d // t)
-        held += n_heads * layer + shared
-        trainable += n_train * layer + (0 if mode == "trunk_and_head1" else shared)
+        # Every freeze mode trains the modules (only depth 0 is 'head 0').
+        modules = (m.n_future - 1) * chain_module_extra(cfg) if m.chained else 0
+        held += n_heads * layer + shared + modules
+        trainable += n_train * layer + (0 if mode == "trunk_and_head1" else shared) + modules
+        if m.chained and not embed:
+            copy = v * d // t
+            held, trainable = held + copy, trainable + (copy if trunk_trains(cfg) else 0)
     return held, trainable
+
+
+def chain_module_extra(cfg: RunConfig) -> int:
+    """Parameters a chained module holds beyond its transformer layer, on every rank: enorm,
+    hnorm and norm (d each) and eh_proj (d x 2d), never split by tensor parallelism
+    (`LayerFactory.replicated`)."""
+    d = cfg.model.d_model
+    return 3 * d + 2 * d * d
 
 
 def rank_params(cfg: RunConfig, lay, stage: int) -> int:

@@ -294,7 +294,11 @@ def test_stages_cut_as_deepspeed_cuts(items, parts):
         assert trunk == hi - lo - embed - heads
 
 
-@pytest.mark.parametrize("over", [[], HF], ids=["plain", "hf"])
+@pytest.mark.parametrize(
+    "over",
+    [[], HF, [*HF, "model.mtp_arch=chained", "model.n_future=3"]],
+    ids=["plain", "hf", "chained"],
+)
 def test_flops_count_heads_and_unembedding_n_times(over):
     from mtp_dist.model import parameter_table
 
@@ -486,3 +490,89 @@ def test_cli_errors_are_one_line(args, words):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ the chained family
+
+CHAIN = ["model.mtp_arch=chained", "model.n_future=3"]
+
+
+@pytest.mark.parametrize("over", [[], HF, TIED], ids=["plain", "hf", "tied"])
+def test_chain_param_counts_are_the_models(over):
+    """Depth 0 is a head layer; each module adds 3 norms and eh_proj (d x 2d), replicated
+    under tensor parallelism; a pipeline's last stage holds a copy of the embedding."""
+    from mtp_dist.model import MTPModel
+    from mtp_dist.plan_params import chain_module_extra
+
+    cfg = small(*over, *CHAIN)
+    model = MTPModel(cfg.model)
+    want = sum(p.numel() for p in model.parameters())
+    counts = param_counts(cfg)
+    assert counts.total == want
+    assert counts.module == counts.head_layer + chain_module_extra(cfg)
+    assert counts.module_matmul == counts.layer_matmul + 2 * cfg.model.d_model**2
+    assert rank_params(cfg, Layout(), 0) == want
+    whole = sum(p.numel() for n, p in model.named_parameters() if "norm" in n or "eh_proj" in n)
+    assert rank_params(cfg, Layout(tensor=2), 0) == (want - whole) // 2 + whole
+    for mode in FREEZE_MODES:
+        frozen = small(*over, *CHAIN, f"train.freeze={mode}")
+        trains = sum(p.numel() for p in _frozen_model(frozen).parameters() if p.requires_grad)
+        assert param_counts(frozen).trainable == trains
+        assert rank_param_counts(frozen, Layout(), 0) == (want, trains)
+    if not cfg.model.tie_embeddings:
+        copy = cfg.model.vocab_size * cfg.model.d_model
+        stages = [rank_params(cfg, Layout(pipeline=3), s) for s in range(3)]
+        assert sum(stages) == want + copy
+    assert "does not apply" in plan_layout(cfg, Layout(head=3), 1e18, counts).error
+
+
+@pytest.mark.parametrize("mode", FREEZE_MODES)
+def test_chain_flops_add_the_eh_projections(mode):
+    """A chain's FLOPs are the parallel heads' of the same n plus each module's eh_proj
+    (6 per weight of its d x 2d: modules train in every freeze mode)."""
+    par = small(*HF, "model.n_future=3", f"train.freeze={mode}")
+    cha = small(*HF, *CHAIN, f"train.freeze={mode}")
+    extra = 2 * 6 * 2 * cha.model.d_model**2  # 2 modules
+    got = flops_per_token(cha, param_counts(cha))["model"]
+    assert got == flops_per_token(par, param_counts(par))["model"] + extra
+
+
+@pytest.mark.parametrize(
+    "n,impl,chunk,mode",
+    [
+        (4, "sequential", 0, "none"),
+        (2, "sequential", 0, "none"),
+        (4, "naive", 0, "none"),
+        (4, "sequential", 32, "none"),
+        (4, "sequential", 0, "trunk"),
+        (4, "sequential", 0, "trunk_and_head1"),
+    ],
+)
+def test_chain_step_peak_measured(n, impl, chunk, mode):
+    """The plan's step memory of a chain (modules' own activations, one depth's logits for the
+    sequential loss, every depth's for the naive one) against the measured peak of live
+    tensors of a step on the real model (fp32, one process: the gradients exist before)."""
+    from mtp_dist.training.memory import allocated_peak
+
+    torch.set_num_threads(1)
+    shape = ["data.seq_len=128", "model.max_seq_len=128", "train.micro_batch_size=4"]
+    run = [f"model.loss_impl={impl}", f"model.loss_chunk={chunk}", f"train.freeze={mode}"]
+    cfg = small(*CHAIN, f"model.n_future={n}", f"model.n_layers={n + 2}", *shape, *run,
+                "train.precision=fp32")  # fmt: skip
+    torch.manual_seed(0)
+    model = _frozen_model(cfg)
+    ids = torch.randint(1, 512, (4, 128 + n))
+    step = lambda: model(ids[:, :128], ids[:, 1:]).loss.backward()  # noqa: E731
+    step()
+    planned = plan_layout(cfg, Layout(), 1e18, param_counts(cfg)).ranks[0].step
+    assert planned == pytest.approx(allocated_peak(step), rel=0.04)
+
+
+def test_cli_plans_a_chain():
+    args = ["tiny-cpu", *CHAIN, "--gpus", "2", "--gpu-memory-gb", "8"]
+    out = mtp(*args)
+    assert out.returncode == 0, out.stderr
+    assert "chained, n_future 3" in out.stdout
+    plan = json.loads(mtp(*args, "--json").stdout)
+    assert plan["mtp_arch"] == "chained"
+    assert all(c["head"] == 1 for c in plan["candidates"])
