@@ -11,6 +11,11 @@ test_*.py), which the stdlib training corpus leaves out (data_pipeline.STDLIB_EX
 acceptance rate per head position, speedup, efficiency = speedup / tokens per forward (the
 paper: 3.05 / 3.50 = 0.87), and whether every output equals plain greedy. The last line printed
 is one JSON object.
+
+Both families: --checkpoint may be a parallel (`model.mtp_arch=parallel`) or a chained model;
+--chain-checkpoint DIR measures a second one (normally the chained model trained like the first)
+in the same run and adds its results under the JSON key "chained" (the same keys as the top
+level's; `accepted_drafts_per_position` is the serving engines' per-position counter).
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ def compare(dec: Decoder, groups: list[list[list[int]]], args, eos: int) -> dict
         "speedup_cpu_time": round(cpu[False] / cpu[True], 3),
         "identical_to_greedy": spec_out == plain_out,
         "acceptance_rate": [round(r, 3) for r in stats.acceptance_rate],
+        "accepted_drafts_per_position": stats.accepted_drafts_per_position,
+        "verified_drafts_per_position": stats.verified[1:],
         "mixed_steps": stats.mixed_steps,
         "tokens": tokens,
         "drafts_at_end": stats.drafts_at_end,
@@ -148,43 +155,10 @@ def n_draft_value(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
-    p.add_argument(
-        "--files",
-        default=None,
-        help="directory of held-out files: every .py under it (default: CPython's test_*.py)",
-    )
-    p.add_argument("--prompts", type=int, default=16, help="number of prompts")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (tokens)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
-    p.add_argument(
-        "--n-draft",
-        type=n_draft_value,
-        default="auto",
-        help="draft heads: a number or auto (default, as mtp generate: all, dropping the last "
-        "while rarely accepted)",
-    )
-    p.add_argument(
-        "--sweep",
-        action="store_true",
-        help="also every draft count 1..n-1 at batch 1 and batch --batch (JSON by_n_draft)",
-    )
-    p.add_argument(
-        "--no-mlflow", action="store_true", help="do not add the results to the training run"
-    )
-    p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    args = p.parse_args()
-    if args.prompt_tokens < MIN_TOKENS:
-        p.error(f"--prompt-tokens must be at least {MIN_TOKENS}")
-    files = held_out_files(args.files)  # before the model loads: a wrong DIR fails at once
-
-    torch.set_num_threads(args.threads)
-    ckpt = resolve_checkpoint(args.checkpoint)
+def measure(checkpoint: str, files: list[Path], args) -> tuple[Path, dict, tuple[dict, dict]]:
+    """Every comparison on one checkpoint: (checkpoint dir, its JSON report, the raw results
+    of batch 1 and of batch --batch)."""
+    ckpt = resolve_checkpoint(checkpoint)
     model, tok = load_for_inference(ckpt, device=args.device)
     prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
     if not prompts:
@@ -205,8 +179,8 @@ def main() -> None:
     )
     for case, r in (("batch 1", single), (f"batch {args.batch}", batched)):
         print(
-            f"{case:>8}: tokens/forward {r['tokens_per_forward']:.2f}  speedup "
-            f"{r['speedup']:.2f}x  efficiency {r['efficiency']:.2f}  acceptance "
+            f"{model.cfg.mtp_arch} {case:>8}: tokens/forward {r['tokens_per_forward']:.2f}  "
+            f"speedup {r['speedup']:.2f}x  efficiency {r['efficiency']:.2f}  acceptance "
             f"{r['acceptance_rate']}  plain {r['plain_tokens_per_s']} tok/s  speculative "
             f"{r['speculative_tokens_per_s']} tok/s  identical {r['identical_to_greedy']}"
         )
@@ -254,6 +228,7 @@ def main() -> None:
             "trunk_layers": cfg.trunk_layers,
             "d_model": cfg.d_model,
             "vocab_size": cfg.vocab_size,
+            "family": cfg.mtp_arch,
         },
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
@@ -264,6 +239,55 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }
+    return ckpt, report, (single, batched)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default="runs/tiny-cpu", help="run or checkpoint directory")
+    p.add_argument(
+        "--chain-checkpoint",
+        default=None,
+        help="a second run or checkpoint (normally model.mtp_arch=chained) measured in the same "
+        "run: JSON key chained",
+    )
+    p.add_argument(
+        "--files",
+        default=None,
+        help="directory of held-out files: every .py under it (default: CPython's test_*.py)",
+    )
+    p.add_argument("--prompts", type=int, default=16, help="number of prompts")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="longest prompt (tokens)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched case")
+    p.add_argument(
+        "--n-draft",
+        type=n_draft_value,
+        default="auto",
+        help="draft heads: a number or auto (default, as mtp generate: all, dropping the last "
+        "while rarely accepted)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also every draft count 1..n-1 at batch 1 and batch --batch (JSON by_n_draft)",
+    )
+    p.add_argument(
+        "--no-mlflow", action="store_true", help="do not add the results to the training run"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = p.parse_args()
+    if args.prompt_tokens < MIN_TOKENS:
+        p.error(f"--prompt-tokens must be at least {MIN_TOKENS}")
+    files = held_out_files(args.files)  # before the model loads: a wrong DIR fails at once
+
+    torch.set_num_threads(args.threads)
+    ckpt, report, raw = measure(args.checkpoint, files, args)
+    if args.chain_checkpoint:
+        report["chained"] = measure(args.chain_checkpoint, files, args)[1]
+    single, batched = raw
     if not args.no_mlflow:
         metrics = {
             "decode/tokens_per_forward": single["tokens_per_forward"],
