@@ -136,3 +136,59 @@ def save_model(out: Path, arch: str, *, vocab: int, shard: str | None = None, **
                 param.uniform_(0.5, 1.5)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(out, **kwargs)
+
+
+def save_glm_model(out: Path, *, vocab: int, mtp_layers: int = 2, real_moe: bool = False) -> None:
+    """A chained model in GLM-4.5's layout as another trainer would leave it: transformers'
+    Glm4MoeForCausalLM (3 layers, d 32, GQA, q/k/v biases; layer 0 dense, layers 1.. MoE) saved
+    by save_pretrained, plus `mtp_layers` MTP layers made by transformers' own MtpModel and
+    written under model.layers.{3 + k}.* (save_pretrained drops them). MoE layers are exactly
+    dense (zero routed experts and router) unless `real_moe`. Random non-unit norm gains and
+    random biases, so that a misplaced tensor shows."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+    from transformers.modeling_layers import MtpModel
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    config = Glm4MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_bias=True,
+        moe_intermediate_size=16, n_shared_experts=4, n_routed_experts=2,
+        num_experts_per_tok=1, first_k_dense_replace=1, max_position_embeddings=128,
+        num_nextn_predict_layers=mtp_layers, partial_rotary_factor=1.0, rope_parameters=rope,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    main = Glm4MoeForCausalLM(config).eval()
+    mtp = MtpModel(main, mtp_layers)
+    with torch.no_grad():
+        for name, param in [*main.named_parameters(), *mtp.layers.named_parameters()]:
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif ".experts." in name or "mlp.gate." in name:  # routed experts, router
+                if real_moe:
+                    param.normal_(0.0, 0.1)
+                else:
+                    param.zero_()
+        for module in [*main.modules(), *mtp.layers.modules()]:  # a buffer, not a parameter
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.zero_()
+    main.save_pretrained(out)
+    tensors = load_file(out / "model.safetensors")
+    for name, value in mtp.layers.state_dict().items():
+        k, rest = name.split(".", 1)
+        layer = f"model.layers.{3 + int(k)}."
+        rest = rest.removeprefix("mtp_block.").replace("post_norm.", "shared_head.norm.")
+        if rest == "mlp.experts.gate_up_proj":  # (E, 2I, H), stored per expert in the layout
+            for e, w in enumerate(value):
+                gate, up = w.chunk(2, dim=0)
+                tensors[f"{layer}mlp.experts.{e}.gate_proj.weight"] = gate.contiguous()
+                tensors[f"{layer}mlp.experts.{e}.up_proj.weight"] = up.contiguous()
+        elif rest == "mlp.experts.down_proj":
+            for e, w in enumerate(value):
+                tensors[f"{layer}mlp.experts.{e}.down_proj.weight"] = w.contiguous()
+        else:
+            tensors[layer + rest] = value.contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
