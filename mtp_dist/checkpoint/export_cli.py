@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     export = subparsers.add_parser("export", help="write a checkpoint in another format")
     sub = export.add_subparsers(dest="export_command", required=True)
     helps = {
-        "hf": "transformers LlamaForCausalLM directory (next-token model; heads 2..n beside it)",
+        "hf": "transformers LlamaForCausalLM directory (next-token model; heads 2..n beside it); "
+        "a chained model: Glm4MoeForCausalLM with its MTP layers (GLM-4.5's layout)",
         "meta": "Meta's multi-token-prediction layout (params.json, consolidated.00.pth)",
     }
     for name, text in helps.items():
