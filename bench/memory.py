@@ -13,9 +13,21 @@ logits and their gradients, parameter gradients), which is what the loss impleme
 `step_s` is that step's wall time (its own process; noisy on a shared machine).
 
 Variants: n1 (the ordinary next-token model, one graph), n1_sequential (the trick alone at n = 1),
-n4_naive, n4_sequential, n4_chunked (sequential + `model.loss_chunk`), and for each `--recompute`
+n4_naive, n4_sequential, n4_chunked (sequential + `model.loss_chunk`), the chained family
+(`model.mtp_arch=chained`, n = 4: depth 0 + 3 modules) chained4_sequential (the trick on the
+chain: one depth's logits alive) and chained4_naive (every depth's logits alive until one
+backward, as Megatron-core's multi_token_prediction.py keeps them), and for each `--recompute`
 mode `n1_recompute_<mode>` and `n4_chunked_recompute_<mode>` (`train.recompute`, applied as the
-engines apply it). Same trunk + heads layer count in all (n = 4 is parameter-matched).
+engines apply it). Same layer count in all (n = 4 is parameter-matched: the parallel family's
+1 trunk + 4 head layers, the chain's 1 trunk layer + depth 0 + 3 modules).
+
+The chain's goal is stated against an ordinary n = 1 step PLUS the modules' own activations:
+`chained_modules_own_mb` is the planner's step memory of the chained n = 4 model minus its
+n = 1 model's (mtp_dist/plan.py `chain_elements`, fp32, this batch: every depth's output norm,
+output and output gradient and each module's embedded token, enorm/hnorm and concatenation;
+the blocks are the n = 1 model's layers, parameter-matched) and
+`ratio_chained_sequential_vs_n1_plus_modules` = chained4_sequential step_mb / (n1 step_mb +
+that); goal <= 1.15.
 
 Step-time ratios come from one more process that runs the compared variants' steps interleaved
 (forward + backward, no optimizer step: it is the same in every variant), `--timing-rounds`
@@ -40,13 +52,15 @@ import subprocess
 import sys
 import time
 
-# name -> (n_future, loss_impl, chunked)
+# name -> (n_future, loss_impl, chunked, mtp_arch)
 BASE = {
-    "n1": (1, "naive", False),
-    "n1_sequential": (1, "sequential", False),
-    "n4_naive": (4, "naive", False),
-    "n4_sequential": (4, "sequential", False),
-    "n4_chunked": (4, "sequential", True),
+    "n1": (1, "naive", False, "parallel"),
+    "n1_sequential": (1, "sequential", False, "parallel"),
+    "n4_naive": (4, "naive", False, "parallel"),
+    "n4_sequential": (4, "sequential", False, "parallel"),
+    "n4_chunked": (4, "sequential", True, "parallel"),
+    "chained4_sequential": (4, "sequential", False, "chained"),
+    "chained4_naive": (4, "naive", False, "chained"),
 }
 RECOMPUTED = ("n1", "n4_chunked")  # the variants also measured under each --recompute mode
 
@@ -70,9 +84,10 @@ def build(args: argparse.Namespace, name: str):
     from mtp_dist.training.engine import apply_recompute
 
     base, _, mode = name.partition("_recompute_")
-    n_future, impl, chunked = BASE[base]
+    n_future, impl, chunked, arch = BASE[base]
     torch.manual_seed(0)
     cfg = ModelConfig(
+        mtp_arch=arch,
         vocab_size=args.vocab,
         d_model=args.d_model,
         n_layers=args.layers,
@@ -120,6 +135,22 @@ def measure(args: argparse.Namespace) -> dict:
         "before_mb": round(before, 1),
         "step_s": round(time.perf_counter() - start, 3),
     }
+
+
+def planned_step_mb(args: argparse.Namespace, name: str) -> float:
+    """The planner's step memory (MB, fp32, one process) of variant `name`'s model and batch."""
+    from mtp_dist.config import load_config
+    from mtp_dist.plan import Layout, param_counts, plan_layout
+
+    n_future, impl, chunked, arch = BASE[name]
+    over = [f"model.vocab_size={args.vocab}", f"model.d_model={args.d_model}",
+            f"model.n_layers={args.layers}", f"model.n_attn_heads={args.d_model // 64}",
+            f"model.n_future={n_future}", f"model.mtp_arch={arch}", f"model.loss_impl={impl}",
+            f"model.loss_chunk={args.loss_chunk if chunked else 0}", f"data.seq_len={args.seq}",
+            f"model.max_seq_len={args.seq}", f"train.micro_batch_size={args.batch}",
+            "train.precision=fp32", "run_dir=unused"]  # fmt: skip
+    cfg = load_config(None, over)
+    return plan_layout(cfg, Layout(), float("inf"), param_counts(cfg)).ranks[0].step / 2**20
 
 
 def timing(args: argparse.Namespace, names: list[str]) -> dict:
@@ -198,6 +229,21 @@ def main() -> None:
         "interleaved_step_cpu_s": timed_runs["cpu"],
         "time_kind": "cuda_wall" if args.device == "cuda" else "cpu_process_time",
     }
+    # The chain: one depth's logits alive (sequential) against an ordinary n = 1 step plus what
+    # the chain keeps beyond it (the planner's count, module docstring).
+    own = planned_step_mb(args, "chained4_sequential") - planned_step_mb(args, "n1")
+    chained = results["chained4_sequential"]["step_mb"]
+    summary["chained_modules_own_mb"] = round(own, 1)
+    summary["ratio_chained_sequential_vs_n1"] = round(chained / n1["step_mb"], 3)
+    summary["ratio_chained_naive_vs_n1"] = round(
+        results["chained4_naive"]["step_mb"] / n1["step_mb"], 3
+    )
+    summary["ratio_chained_naive_vs_sequential"] = round(
+        results["chained4_naive"]["step_mb"] / chained, 3
+    )
+    ratio = chained / (n1["step_mb"] + own)
+    summary["ratio_chained_sequential_vs_n1_plus_modules"] = round(ratio, 3)
+    summary["chained_goal_met"] = ratio <= 1.15
     if times:
         summary["ratio_step_time_chunked_vs_sequential"] = round(
             times["n4_chunked"] / times["n4_sequential"], 3
