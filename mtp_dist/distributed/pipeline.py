@@ -198,13 +198,14 @@ def _module_specs(layers: list[nn.Module], chained: bool) -> list:
 def _count_tied_embedding_once(module) -> None:
     """DeepSpeed marks every parameter of a tied layer on the later stages `ds_pipe_replicated`
     (left out of the gradient norm, counted on the first stage instead); of the chain's stage
-    only the embedding is replicated: its own parameters (the chain) count here."""
+    only the embedding is replicated: its other parameters (the chain's) count here."""
     comm = module.tied_comms.get(EMBED_KEY)
     if comm is None or module.global_rank == comm["ranks"][0]:
         return
     stage = comm["module"]
-    for param in stage.heads.parameters():
-        param.ds_pipe_replicated = False
+    for param in stage.parameters():
+        if param is not stage.embed.weight:
+            param.ds_pipe_replicated = False
 
 
 def _trains(layers: list[_Layer]) -> bool:
@@ -245,7 +246,7 @@ def build_pipeline(model: MTPModel, topology, seed: int, sequence_shards: int = 
         base_seed=seed,
         activation_checkpoint_interval=0,
     )
-    _count_tied_embedding_once(module)
     # This rank's layer range (DeepSpeed 0.19.8 keeps it in these attributes).
     mark_frozen(layers, loss, module._local_start, module._local_stop)
+    _count_tied_embedding_once(module)  # after mark_frozen: placeholders count too
     return module, loss
