@@ -24,6 +24,7 @@ from mtp_dist import checkpoint as ckpt
 from mtp_dist.cli import main
 from mtp_dist.config import ModelConfig
 from mtp_dist.inference import Decoder, GenerationConfig, Generator, Stopper
+from mtp_dist.inference.auto import StepCosts
 from mtp_dist.inference.decode import _Run
 from mtp_dist.inference.sampling import sample
 from mtp_dist.model import MTPModel
@@ -204,11 +205,14 @@ def test_accepted_drafts_per_position_are_counted():
 
 
 def test_auto_drops_rarely_accepted_modules():
+    """One module free, more costly: the rarely right later modules are dropped, the first
+    kept (tests/test_decode_auto.py: the rule and the fall-back to plain decoding)."""
     model = random_chain(4, seed=3)
     prompts = prompts_for()
-    dec = Decoder(model)
-    plain = dec.run(prompts, max_new_tokens=40)
+    costs = StepCosts({1: 1.0, 2: 1.0, 3: 1.6, 4: 2.2})
+    plain = Decoder(model).run(prompts, max_new_tokens=40)
     for batch in (prompts, prompts[2:3]):
+        dec = Decoder(model, step_costs=costs)  # no earlier runs: it starts with every draft
         auto = dec.run(batch, max_new_tokens=40, speculative=True, n_draft="auto")
         assert auto.tokens == [plain.tokens[prompts.index(p)] for p in batch]
         assert auto.stats.drafts_at_end == 1 < auto.stats.width - 1

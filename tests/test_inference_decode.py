@@ -15,7 +15,7 @@ import torch
 
 from mtp_dist.config import ModelConfig
 from mtp_dist.inference import Decoder, DecodeStats, Stopper
-from mtp_dist.inference.decode import AutoDrafts
+from mtp_dist.inference.auto import StepCosts
 from mtp_dist.inference.fused import rotary_table
 from mtp_dist.inference.heads import DraftHeads
 from mtp_dist.inference.kv_cache import CacheState, ModelCache
@@ -131,21 +131,19 @@ def test_grouped_query_attention_decodes_exactly(n_kv_heads):
 
 
 def test_auto_draft_count_drops_rare_drafts_and_stays_greedy():
-    """n_draft="auto": drafts a random model rarely gets right are dropped mid-run (their heads'
-    weights and caches narrowed), and every output is still plain greedy's."""
+    """n_draft="auto" where one draft is free and more cost: drafts a random model rarely gets
+    right are dropped mid-run (their heads' weights and caches narrowed), the first is kept,
+    and every output is still plain greedy's (tests/test_decode_auto.py: the rule itself)."""
     model = random_model(4, SP_VOCAB, seed=3)
     prompts = prompts_for(SP_VOCAB)
-    dec = Decoder(model)
-    plain = dec.run(prompts, max_new_tokens=40)
+    costs = StepCosts({1: 1.0, 2: 1.0, 3: 1.6, 4: 2.2})
+    plain = Decoder(model).run(prompts, max_new_tokens=40)
     for batch in (prompts, prompts[2:3]):
+        dec = Decoder(model, step_costs=costs)  # no earlier runs: it starts with every draft
         auto = dec.run(batch, max_new_tokens=40, speculative=True, n_draft="auto")
         assert auto.tokens == [plain.tokens[prompts.index(p)] for p in batch]
         assert auto.stats.drafts_at_end == 1 < auto.stats.width - 1
     assert plain.stats.drafts_at_end is None
-    rule = AutoDrafts(warmup=2, min_acceptance=0.5)
-    stats = DecodeStats(width=4, steps=3, proposed=[9, 9, 9, 9], accepted=[9, 8, 5, 1])
-    assert rule.keep(stats, 4) == 3  # 1/9 < 0.5: drop the last; 5/9 >= 0.5: keep the third
-    assert rule.keep(DecodeStats(width=4, steps=2, proposed=[9] * 4, accepted=[9, 0, 0, 0]), 4) == 4
 
 
 def test_all_drafts_accepted_path():

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MTPModel
+from .auto import AutoDrafts, StepCosts, step_costs
 from .chain import ChainDrafts, FusedChainModule
 from .fused import FusedBlock, FusedUnembedding, rms_norm, rotary_table
 from .heads import DraftHeads, chain_module, head_block, unembedding
@@ -69,7 +70,15 @@ class DecodeStats:
     num_accepted_tokens_per_pos[j-1]: speculative decoding's own counter)."""
     seconds: float = 0.0
     drafts_at_end: int | None = None
-    """Draft heads in use when the run ended (n_draft="auto" may drop some); None if plain."""
+    """Draft heads in use when the run ended (n_draft="auto" may drop some, or all: 0);
+    None if plain."""
+    step_cost: dict | None = None
+    """n_draft="auto": measured cost of a step of each block width in plain steps."""
+    plain_because: str = ""
+    """n_draft="auto" decoding plainly: why, in a few words."""
+    calibration_seconds: float = 0.0
+    """n_draft="auto": time spent measuring step costs (once per process and batch size;
+    not in `seconds`)."""
 
     def __post_init__(self) -> None:
         self.proposed = self.proposed or [0] * self.width
@@ -109,6 +118,9 @@ class DecodeStats:
             matched=add(self.matched, other.matched),
             seconds=self.seconds + other.seconds,
             drafts_at_end=_smallest(self.drafts_at_end, other.drafts_at_end),
+            step_cost=self.step_cost or other.step_cost,
+            plain_because=self.plain_because or other.plain_because,
+            calibration_seconds=self.calibration_seconds + other.calibration_seconds,
         )
 
     def as_dict(self) -> dict:
@@ -123,6 +135,9 @@ class DecodeStats:
             "accepted_drafts_per_position": self.accepted_drafts_per_position,
             "verified_drafts_per_position": self.verified[1:],
             "drafts_at_end": self.drafts_at_end,
+            "step_cost": self.step_cost,
+            "plain_because": self.plain_because,
+            "calibration_seconds": round(self.calibration_seconds, 4),
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None,
         }
@@ -144,12 +159,28 @@ class DecodeResult:
 class Decoder:
     """Decodes batches of token-id prompts with one MTPModel (single process, eval mode)."""
 
+    RECHECK = 16
+    """n_draft="auto": every RECHECK-th run that earlier runs would decode plainly drafts
+    again (where drafting could pay at all), to re-measure the match rates."""
+    MIN_PRIOR = 32
+    """n_draft="auto": blocks earlier runs must have verified before their rates decide."""
+
     def __init__(
-        self, model: MTPModel, *, vocab_limit: int | None = None, fused: bool = True
+        self,
+        model: MTPModel,
+        *,
+        vocab_limit: int | None = None,
+        fused: bool = True,
+        step_costs: StepCosts | None = None,
     ) -> None:
         """`fused`: run the trunk and head 1 as `FusedBlock`s (fused.py; the same arithmetic in
-        fewer operations); False runs the model's own modules (the benchmark's comparison)."""
+        fewer operations); False runs the model's own modules (the benchmark's comparison).
+        `step_costs`: what n_draft="auto" takes a step of each width to cost (default: measured
+        on first use, auto.py)."""
         self.model = model
+        self.step_costs = step_costs
+        self._history: tuple[list[int], list[int]] | None = None  # auto runs' (matched, verified)
+        self._auto_runs = 0
         self.vocab_limit = vocab_limit
         self.n_future = model.heads.n_future
         head1 = head_block(model, 0)
@@ -247,8 +278,8 @@ class Decoder:
         """Generate up to max_new_tokens per prompt (fewer where the context is full or a
         stopper fires). speculative=True is greedy with `n_draft` draft heads (chained
         models: the first n_draft modules) (default: all);
-        n_draft="auto" starts with all and drops the last while it is rarely accepted
-        (`AutoDrafts`)."""
+        n_draft="auto" drafts only while drafting pays, from the step costs measured here and
+        the measured acceptance (auto.py), possibly not at all."""
         auto = n_draft == "auto"
         if auto:
             n_draft = None
@@ -264,47 +295,50 @@ class Decoder:
         max_len = self.model.cfg.max_seq_len
         if max(len(p) for p in prompts) > max_len:
             raise ValueError(f"a prompt is longer than model.max_seq_len={max_len}")
-        run = _Run(self, prompts, max_new_tokens, drafts, stoppers)
-        run.auto = AutoDrafts() if auto and drafts > 1 else None
-        choose = lambda logits: sample(logits, temperature, top_p, generator)
         start = time.perf_counter()
+        rule = self._auto_rule(prompts, drafts + 1) if auto and drafts else None
+        calibration = time.perf_counter() - start
+        if rule is not None:
+            drafts = rule.start(drafts + 1) - 1
+        start = time.perf_counter()
+        run = _Run(self, prompts, max_new_tokens, drafts, stoppers)
+        run.auto = rule if drafts else None
+        choose = lambda logits: sample(logits, temperature, top_p, generator)
         run.prefill(choose)
         while run.active:
-            if drafts:
+            if run.width > 1:
                 run.speculative_step()
             else:
                 run.plain_step(choose)
-        run.stats.seconds = time.perf_counter() - start
-        run.stats.tokens = sum(len(o) for o in run.out)
-        run.stats.drafts_at_end = run.width - 1 if drafts else None
-        return DecodeResult(run.out, run.reasons, run.stats)
+        stats = run.stats
+        stats.seconds = time.perf_counter() - start
+        stats.tokens = sum(len(o) for o in run.out)
+        stats.drafts_at_end = run.width - 1 if speculative else None
+        if rule is not None:
+            stats.step_cost = rule.costs.as_dict()
+            stats.calibration_seconds = calibration
+            stats.plain_because = rule.reason if run.width == 1 else ""
+            if drafts:  # this run's blocks join the rates later runs start from
+                self._remember(stats)
+        return DecodeResult(run.out, run.reasons, stats)
 
+    def _auto_rule(self, prompts, widest: int) -> AutoDrafts:
+        costs = self.step_costs or step_costs(self, [list(p) for p in prompts], widest)
+        prior = self._history
+        if prior is not None and prior[1][1] < self.MIN_PRIOR:
+            prior = None
+        self._auto_runs += 1
+        return AutoDrafts(costs, prior, explore=self._auto_runs % self.RECHECK == 0)
 
-@dataclass
-class AutoDrafts:
-    """Which draft heads pay for themselves, decided while decoding (n_draft="auto").
-
-    Every draft costs a head layer and an unembedding row each step, and makes the verify
-    forward one token wider; it pays only where it is accepted often enough. After `warmup`
-    speculative steps, the last draft is dropped while the fraction of its proposals that were
-    emitted is below `min_acceptance` (a far draft is only emitted when all before it were, so
-    its rate is the lowest). 0.25 came from this CPU (docs/benchmarks.md): drafts accepted less
-    than that made decoding slower here; a GPU, where a wider block is nearly free, can keep
-    drafts down to a lower rate. Dropping only shortens the block: the output stays greedy."""
-
-    warmup: int = 8
-    min_acceptance: float = 0.25
-
-    def keep(self, stats: DecodeStats, width: int) -> int:
-        """Block width to use from now on (>= 2)."""
-        if stats.steps <= self.warmup:
-            return width
-        while width > 2:
-            j = width - 1
-            if stats.proposed[j] and stats.accepted[j] / stats.proposed[j] >= self.min_acceptance:
-                break
-            width -= 1
-        return width
+    def _remember(self, stats: DecodeStats) -> None:
+        ours = (stats.matched, stats.verified)
+        if self._history is None:
+            self._history = (list(ours[0]), list(ours[1]))
+            return
+        for mine, theirs in zip(self._history, ours):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for j, x in enumerate(theirs):
+                mine[j] += x
 
 
 class _Run:
@@ -439,11 +473,14 @@ class _Run:
             self._narrow(self.auto.keep(self.stats, self.width))
 
     def _narrow(self, width: int) -> None:
-        """Use only the first width-1 draft heads from now on (their caches stay valid)."""
+        """Use only the first width-1 draft heads from now on (their caches stay valid);
+        width 1: decode plainly from now on (the pending token is head 1's greedy one)."""
         if width == self.width:
             return
         k = width - 1
-        if self.chain is not None:
+        if k == 0:
+            pass  # the draft heads' caches are no longer read
+        elif self.chain is not None:
             self.chain.narrow(k)
         else:
             self.drafter = self.drafter.leading(k)
