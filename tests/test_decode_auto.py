@@ -85,6 +85,7 @@ def test_rule_from_costs_and_rates():
     rule = AutoDrafts(DEAR)
     assert rule.keep(stats_with([0.3, 0.1, 0.02]), 4) == 1
     assert rule.reason.startswith("a block of 2 costs 1.80x one token here and yields 1.3")
+    assert rule.reason.endswith(" tokens")
     # ... but a gain where a block is nearly free: the far drafts (rarely right) are dropped.
     assert AutoDrafts(CHEAP).keep(stats_with([0.3, 0.1, 0.02]), 4) == 3
     # Right 90% of the time: every draft pays, even where a block of 4 costs 3 tokens.

@@ -40,7 +40,8 @@ def generate(capsys, *args: str) -> tuple[str, dict]:
 def test_generate_plain_and_speculative_agree(run_dir, capsys):
     args = ["--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "20"]
     plain, plain_stats = generate(capsys, *args)
-    spec, spec_stats = generate(capsys, *args, "--speculative")
+    # Three drafts whatever they cost here (auto: tests/test_decode_auto.py).
+    spec, spec_stats = generate(capsys, *args, "--speculative", "--n-draft", "3")
     assert plain == spec and plain.strip()
     assert plain_stats["tokens_per_forward"] == 1.0
     assert len(spec_stats["acceptance_rate"]) == 4
@@ -75,7 +76,9 @@ def test_generate_shows_the_prompt_with_its_completion(run_dir, capsys):
     assert main(["generate", *args]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("def f(x):")
-    (line,) = out.err.strip().splitlines()  # one plain line, no JSON without --json
+    # What decoding runs with, then one plain line, no JSON without --json.
+    setup, line = out.err.strip().splitlines()
+    assert setup.startswith("decoding: fp32 (CPU native bf16: ") and "not compiled" in setup
     assert line.startswith("plain: 12 tokens in ") and "1.00 tokens per forward" in line
     assert main(["generate", *args, "--completion-only"]) == 0
     assert out.out == "def f(x):" + capsys.readouterr().out
@@ -85,12 +88,11 @@ def test_compare_runs_both_modes_and_says_they_agree(run_dir, capsys):
     args = ["--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "16"]
     assert main(["generate", *args, "--compare"]) == 0
     out = capsys.readouterr()
-    plain, spec = out.err.strip().splitlines()
+    setup, plain, spec = out.err.strip().splitlines()
+    assert setup.startswith("decoding: ")
     assert plain.startswith("plain greedy: 16 tokens")
-    assert spec.startswith("self-speculative: 16 tokens") and spec.endswith(
-        "identical to greedy: yes"
-    )
-    assert "x plain greedy" in spec
+    assert spec.startswith("self-speculative: 16 tokens")
+    assert "x plain greedy, identical to greedy: yes" in spec
     assert main(["generate", *args, "--compare", "--json"]) == 0
     report = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert report["identical_to_greedy"] is True
@@ -98,3 +100,20 @@ def test_compare_runs_both_modes_and_says_they_agree(run_dir, capsys):
     assert report["speculative"]["tokens"] == 16
     assert main(["generate", *args]) == 0
     assert capsys.readouterr().out == out.out  # --compare prints the greedy text once
+
+
+def test_compare_says_why_drafting_does_not_pay(run_dir, capsys, monkeypatch):
+    """Step costs (injected) where no block pays: the speculative line says so, with them."""
+    from mtp_dist.inference import auto
+
+    costs = auto.StepCosts({1: 1.0, 2: 2.5, 3: 3.3, 4: 4.8})
+    monkeypatch.setattr(auto, "_COSTS", {})
+    monkeypatch.setattr(auto, "measure_step_costs", lambda dec, prompts, widest: costs)
+    args = ["--checkpoint", str(run_dir), "--prompt", "def f(x):", "--max-tokens", "16"]
+    assert main(["generate", *args, "--compare"]) == 0
+    spec = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1.00 tokens per forward (0 draft heads)" in spec
+    assert spec.endswith(
+        "identical to greedy: yes; drafting does not pay (a block of 3 costs 3.30x one token "
+        "here): decoded plainly"
+    )

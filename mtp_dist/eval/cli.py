@@ -83,7 +83,9 @@ def _generator(args: argparse.Namespace):
 
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
-    gen = Generator(*load_for_inference(ckpt))
+    gen = Generator(*load_for_inference(ckpt), dtype=args.dtype)
+    if gen.dtype_warning:
+        print(f"mtp eval: warning: {gen.dtype_warning}", file=sys.stderr)
     if args.max_tokens is None:  # the default: 256, or half the context of a smaller model
         args.max_tokens = min(DEFAULT_MAX_TOKENS, gen.model.cfg.max_seq_len // 2)
     check_max_tokens(args.max_tokens, gen)
@@ -213,6 +215,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="precision of the weights (as mtp generate's --dtype)",
+    )
     p.add_argument(
         "--references",
         action="store_true",

@@ -113,7 +113,7 @@ class AutoDrafts:
         if best == 1:
             self.reason = (
                 f"a block of 2 costs {self.costs.ratio(2):.2f}x one token here and yields "
-                f"{expected_tokens(rates, 2):.2f}"
+                f"{expected_tokens(rates, 2):.2f} tokens"
             )
         return best
 
@@ -184,11 +184,12 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def step_costs(
-    dec, prompts: list[list[int]], widest: int, measure: Callable = measure_step_costs
+    dec, prompts: list[list[int]], widest: int, measure: Callable | None = None
 ) -> StepCosts:
-    """The process's costs for this decoder and batch size, measured on first use."""
+    """The process's costs for this decoder and batch size, measured on first use (by
+    `measure`, default `measure_step_costs`)."""
     key = cost_key(dec, len(prompts))
     got = _COSTS.get(key)
     if got is None or max(got.seconds) < widest:
-        got = _COSTS[key] = measure(dec, prompts, widest)
+        got = _COSTS[key] = (measure or measure_step_costs)(dec, prompts, widest)
     return got

@@ -97,6 +97,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="precision of the weights (default auto: bf16 on CUDA and on a CPU with native "
+        "bf16 matmul where one row of the model's largest matmul runs faster in it, else fp32)",
+    )
 
 
 def mode_line(
@@ -116,7 +123,26 @@ def mode_line(
         line += f", {plain_seconds / max(stats.seconds, 1e-9):.2f}x plain greedy"
     if same is not None:
         line += f", identical to greedy: {'yes' if same else 'NO'}"
+    if stats.plain_because:
+        line += f"; drafting does not pay ({stats.plain_because}): decoded plainly"
+    if stats.calibration_seconds >= 0.005:
+        line += f" [step costs measured first: {stats.calibration_seconds:.2f} s, not counted]"
     return line
+
+
+def setup_line(generator) -> str:
+    """The precision and path decoding runs with, e.g. 'decoding: fp32 (CPU native bf16:
+    avx512_bf16), eager step (not compiled), 1 thread'."""
+    import torch
+
+    from .precision import describe
+
+    model = generator.model
+    dtype = next(model.parameters()).dtype
+    return (
+        f"decoding: {describe(dtype, model.rope_cos.device)}, eager step (not compiled), "
+        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -127,7 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.checkpoint)
-    generator = Generator(model, tokenizer)
+    generator = Generator(model, tokenizer, dtype=args.dtype)
+    if generator.dtype_warning:
+        print(f"mtp generate: warning: {generator.dtype_warning}", file=sys.stderr)
     check_max_tokens(args.max_tokens, generator)
     _check_speculative(args, generator)
     if args.compare and args.temperature > 0:
@@ -161,6 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for spec, (c, st) in runs.items()
     }
     drafters = "chained modules" if model.cfg.chained else "draft heads"
+    if not args.json:
+        print(setup_line(generator), file=sys.stderr)
     if args.compare:
         same = runs[True][0].tokens == runs[False][0].tokens
         plain_s = runs[False][1].seconds

@@ -251,7 +251,7 @@ class Decoder:
         """The draft heads' rotary factors for the first `span` block positions."""
         if self.fused:
             return rot[:, :span]
-        cos, sin = (t[:, :span] for t in rot)
+        cos, sin = (t[:, :span] if t.dtype == torch.float64 else t[:, :span].float() for t in rot)
         return torch.complex(cos, sin)[:, :, None]
 
     def drafter(self, n_draft: int) -> DraftHeads:

@@ -45,12 +45,19 @@ def pair_order(n_heads: int, head_dim: int) -> torch.Tensor:
 
 
 def rotary_table(model) -> torch.Tensor:
-    """The model's rotary tables as unit complex numbers cos + i·sin: (max_len, hd/2)."""
-    return torch.complex(model.rope_cos, model.rope_sin)
+    """The model's rotary tables as unit complex numbers cos + i·sin: (max_len, hd/2),
+    complex128 from float64 tables, else complex64 (there is no bf16 complex type)."""
+    cos, sin = model.rope_cos, model.rope_sin
+    if cos.dtype != torch.float64:
+        cos, sin = cos.float(), sin.float()
+    return torch.complex(cos, sin)
 
 
 def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate pair-ordered vectors x (..., hd) by complex freqs broadcasting to (..., hd/2)."""
+    """Rotate pair-ordered vectors x (..., hd) by complex freqs broadcasting to (..., hd/2).
+    bf16/fp16 x is rotated in fp32 (view_as_complex takes no bf16) and rounded back."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return rotate(x.float(), freqs).to(x.dtype)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * freqs).flatten(-2)
 

@@ -19,6 +19,7 @@ import torch
 
 from ..model import MTPModel
 from .decode import Decoder, DecodeStats
+from .precision import for_decoding
 from .sampling import Stopper
 
 
@@ -59,7 +60,14 @@ class Completion:
 class Generator:
     """A model and its tokenizer, ready to complete prompts."""
 
-    def __init__(self, model: MTPModel, tokenizer, *, prefix_eos: bool = True) -> None:
+    def __init__(
+        self, model: MTPModel, tokenizer, *, prefix_eos: bool = True, dtype: str | None = None
+    ) -> None:
+        """`dtype`: "auto", "fp32" or "bf16" casts the model's parameters for decoding
+        (precision.py; `dtype_warning` then says if bf16 will be slow here); None keeps them."""
+        self.dtype_warning = None
+        if dtype is not None:
+            model, self.dtype_warning = for_decoding(model, dtype, model.rope_cos.device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefix_eos = prefix_eos
