@@ -5,9 +5,12 @@ chained modules (DeepSeek-V3 / GLM-4.5), parameter-matched and not.
     python bench/families.py --budget-s 120 --only parallel chained
 
 The budget is the default recipe's own (configs/tiny-cpu.yaml: parallel, n = 4, parameter-
-matched, `train.max_steps`), in seconds: its probed step time times its steps. Every variant
-trains for about that long (`train.max_steps` = budget / the variant's probed step time,
-bench/recipes.py's probe), with its own tokenizer and shards as a user's run would. Each
+matched, its `train.max_steps`). Every variant trains for the same time, approximated by the
+same training FLOPs (`mtp plan`'s count, mtp_dist/plan.py: steps = the recipe's steps x its
+FLOPs per step / the variant's), because a time probe is only as good as the machine is quiet
+(bench/recipes.py); `--probe` matches probed step times instead. Each run's measured training
+seconds are reported beside it. Each variant has its own tokenizer and shards as a user's run
+would. Each
 checkpoint is then scored on held-out code (CPython's test suite: next-token bits per byte and
 per-depth accuracy, mtp_dist.eval.quality) and decoded by bench/speculative.py (tokens per
 forward, wall-clock speedup over plain greedy at batch 1 and batch --batch, identical to greedy).
@@ -46,6 +49,19 @@ def recipe_steps() -> int:
     return load_config(RECIPE, ["run_dir=/tmp/unused"]).train.max_steps
 
 
+def step_flops(overrides: list[str]) -> float:
+    """Training FLOPs of one optimizer step of the variant, as `mtp plan` counts them."""
+    from mtp_dist.checkpoint import padded_vocab
+    from mtp_dist.config import load_config
+    from mtp_dist.plan import flops_per_token
+    from mtp_dist.plan_params import param_counts
+
+    cfg = load_config(RECIPE, [*overrides, "run_dir=/tmp/unused"])
+    cfg.model.vocab_size = padded_vocab(cfg.data.sp_vocab_size)
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+    return flops_per_token(cfg, param_counts(cfg))["model"] * tokens
+
+
 def speculative(run_dir: Path, batch: int, prompts: int, max_tokens: int) -> dict:
     """bench/speculative.py on the checkpoint: its last line, one JSON object."""
     cmd = [sys.executable, str(BENCH / "speculative.py"), "--checkpoint", str(run_dir),
@@ -60,7 +76,7 @@ def speculative(run_dir: Path, batch: int, prompts: int, max_tokens: int) -> dic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--budget-s", type=float, help="training seconds per variant (default: the recipe's)"
+        "--probe", action="store_true", help="match probed step times, not FLOPs (quiet machine)"
     )
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="variants to run")
     p.add_argument("--limit", type=int, default=20, help="held-out files scored")
@@ -70,13 +86,18 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--out", default="/tmp/mtp-families", help="run directories")
     args = p.parse_args()
-    probes = {name: step_seconds(VARIANTS[name], args.threads) for name in VARIANTS}
-    budget = args.budget_s or probes["parallel"] * recipe_steps()
-    print(f"budget: {budget:.0f} s of training per variant", flush=True)
+    cost = step_seconds if args.probe else step_flops
+    costs = {
+        name: cost(VARIANTS[name], *([args.threads] if args.probe else [])) for name in VARIANTS
+    }
+    base_steps = recipe_steps()
+    print(
+        f"budget: {base_steps} steps of the default recipe, by {'time' if args.probe else 'FLOPs'}"
+    )
     rows = []
     for name in args.only or list(VARIANTS):
-        overrides, step_s = VARIANTS[name], probes[name]
-        steps = max(20, int(budget / step_s))
+        overrides = VARIANTS[name]
+        steps = max(20, round(base_steps * costs["parallel"] / costs[name]))
         run_dir = Path(args.out) / name
         cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
                f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.ckpt_every={steps}",
@@ -92,7 +113,8 @@ def main() -> None:
         q = score(run_dir, args.limit)
         spec = speculative(run_dir, args.batch, args.prompts, args.max_tokens)
         rows.append({
-            "name": name, "overrides": overrides, "steps": steps, "probe_step_s": step_s,
+            "name": name, "overrides": overrides, "steps": steps,
+            "step_cost_vs_default": costs[name] / costs["parallel"],
             "train_s": train_s, "wall_s": wall,
             "bits_per_byte": q["bits_per_byte"], "head_accuracy": q["head_accuracy"],
             "tokens_per_forward": spec["tokens_per_forward"],
@@ -111,8 +133,8 @@ def main() -> None:
         print(f"{r['name']:<20}{r['steps']:>7}{r['train_s']:>9.0f}{r['bits_per_byte']:>8.3f}"
               f"{r['tokens_per_forward']:>9.2f}{r['speedup_batch1']:>6.2f}x"
               f"{r['speedup_batched']:>6.2f}x  {acc}")  # fmt: skip
-    print(json.dumps({"budget_s": budget, "limit": args.limit, "batch": args.batch,
-                      "variants": rows}))  # fmt: skip
+    print(json.dumps({"budget_steps": base_steps, "matched_by": "time" if args.probe else "flops",
+                      "limit": args.limit, "batch": args.batch, "variants": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":
