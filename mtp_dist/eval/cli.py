@@ -79,13 +79,15 @@ def _generator(args: argparse.Namespace):
     import torch
 
     from ..checkpoint import load_for_inference, resolve_checkpoint
-    from ..inference import Generator
+    from ..inference.cli import make_generator
+    from .benchmarks import load_benchmark
 
     torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(args.checkpoint)
-    gen = Generator(*load_for_inference(ckpt), dtype=args.dtype)
-    if gen.dtype_warning:
-        print(f"mtp eval: warning: {gen.dtype_warning}", file=sys.stderr)
+    benches = ["humaneval", "mbpp"] if args.benchmark == "both" else [args.benchmark]
+    problems = sum(len(load_benchmark(b)[: args.limit]) for b in benches)
+    tokens = problems * (args.samples + 1) * (args.max_tokens or DEFAULT_MAX_TOKENS)
+    gen = make_generator(*load_for_inference(ckpt), args, tokens, "mtp eval")
     if args.max_tokens is None:  # the default: 256, or half the context of a smaller model
         args.max_tokens = min(DEFAULT_MAX_TOKENS, gen.model.cfg.max_seq_len // 2)
     check_max_tokens(args.max_tokens, gen)
@@ -220,6 +222,13 @@ def register(subparsers) -> None:
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="precision of the weights (as mtp generate's --dtype)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the plain decoding step (as mtp generate's --compile; auto: where this "
+        "evaluation decodes 100,000 tokens or more)",
     )
     p.add_argument(
         "--references",

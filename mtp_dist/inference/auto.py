@@ -133,7 +133,7 @@ def cost_key(dec, batch: int) -> tuple:
     shape += (cfg.n_attn_heads, cfg.ffn_hidden, cfg.mtp_arch)
     param = dec.embedding
     where = (param.dtype, param.device.type, torch.get_num_threads())
-    return (*shape, *where, batch, dec.fused, getattr(dec, "compiled", False))
+    return (*shape, *where, batch, dec.fused, dec.compiled)
 
 
 def measure_step_costs(

@@ -98,12 +98,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--threads", type=positive_int, default=1, help="torch CPU threads (default 1)"
     )
     parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the plain decoding step (torch.compile, static shapes); auto: where the "
+        "command decodes enough tokens to pay the compile back (mtp eval's sampled passes, not "
+        "one mtp generate)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("auto", "fp32", "bf16"),
         default="auto",
         help="precision of the weights (default auto: bf16 on CUDA and on a CPU with native "
         "bf16 matmul where one row of the model's largest matmul runs faster in it, else fp32)",
     )
+
+
+def make_generator(model, tokenizer, args: argparse.Namespace, tokens: int, command: str):
+    """The Generator of --dtype and --compile (for a command decoding about `tokens` tokens);
+    warnings on stderr; --compile on where inductor cannot compile is one ConfigError line."""
+    from .compiled import CompileError, want_compile
+    from .generate import Generator
+
+    compile = want_compile(args.compile, tokens)
+    try:
+        generator = Generator(model, tokenizer, dtype=args.dtype, compile=compile)
+    except CompileError as err:
+        if args.compile == "on":
+            raise ConfigError(
+                f"--compile on: torch.compile cannot build the decoding step here ({err}): "
+                "use --compile off"
+            ) from None
+        print(f"{command}: warning: compiling failed ({err}): decoding eagerly", file=sys.stderr)
+        generator = Generator(model, tokenizer, dtype=args.dtype)
+    if generator.dtype_warning:
+        print(f"{command}: warning: {generator.dtype_warning}", file=sys.stderr)
+    return generator
 
 
 def mode_line(
@@ -137,11 +167,17 @@ def setup_line(generator) -> str:
 
     from .precision import describe
 
-    model = generator.model
+    model, dec = generator.model, generator.decoder
     dtype = next(model.parameters()).dtype
+    step = (
+        f"compiled plain step ({dec.compile_seconds:.1f} s to compile)"
+        if dec.compiled
+        else "eager step (not compiled)"
+    )
+    threads = torch.get_num_threads()
     return (
-        f"decoding: {describe(dtype, model.rope_cos.device)}, eager step (not compiled), "
-        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}"
+        f"decoding: {describe(dtype, model.rope_cos.device)}, {step}, "
+        f"{threads} thread{'s' if threads > 1 else ''}"
     )
 
 
@@ -149,13 +185,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..checkpoint import load_for_inference
-    from .generate import GenerationConfig, Generator
+    from .generate import GenerationConfig
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.checkpoint)
-    generator = Generator(model, tokenizer, dtype=args.dtype)
-    if generator.dtype_warning:
-        print(f"mtp generate: warning: {generator.dtype_warning}", file=sys.stderr)
+    tokens = args.max_tokens * (2 if args.compare else 1)
+    generator = make_generator(model, tokenizer, args, tokens, "mtp generate")
     check_max_tokens(args.max_tokens, generator)
     _check_speculative(args, generator)
     if args.compare and args.temperature > 0:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..model import MTPModel
 from .auto import AutoDrafts, StepCosts, step_costs
 from .chain import ChainDrafts, FusedChainModule
+from .compiled import StaticStep
 from .fused import FusedBlock, FusedUnembedding, rms_norm, rotary_table
 from .heads import DraftHeads, chain_module, head_block, unembedding
 from .kv_cache import ModelCache
@@ -172,11 +173,14 @@ class Decoder:
         vocab_limit: int | None = None,
         fused: bool = True,
         step_costs: StepCosts | None = None,
+        compile: bool = False,
     ) -> None:
         """`fused`: run the trunk and head 1 as `FusedBlock`s (fused.py; the same arithmetic in
         fewer operations); False runs the model's own modules (the benchmark's comparison).
         `step_costs`: what n_draft="auto" takes a step of each width to cost (default: measured
-        on first use, auto.py)."""
+        on first use, auto.py). `compile`: plain decoding steps run compiled with static
+        shapes (compiled.py; compiled here, `compile_seconds`); raises CompileError where
+        torch.compile cannot build them."""
         self.model = model
         self.step_costs = step_costs
         self._history: tuple[list[int], list[int]] | None = None  # auto runs' (matched, verified)
@@ -201,6 +205,16 @@ class Decoder:
         # The chained family drafts with its modules (chain.py), one after the other.
         modules = [chain_module(model, k) for k in range(1, self.n_future)] if self.chained else []
         self.modules = [FusedChainModule(m) for m in modules] if fused else modules
+        self.static: StaticStep | None = None
+        self.compile_seconds = 0.0
+        if compile:
+            self.static = StaticStep(self)
+            with torch.inference_mode():
+                self.compile_seconds = self.static.compile()
+
+    @property
+    def compiled(self) -> bool:
+        return self.static is not None
 
     def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
         """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary factors
@@ -373,6 +387,10 @@ class _Run:
         self.drafts = zeros[:, None][:, :0]  # (B, width-1)
         self.steps = torch.arange(self.width, device=self.device)
         self.auto: AutoDrafts | None = None
+        # Plain runs of a compiled decoder: the static caches of compiled.py instead.
+        self.static = dec.static if drafts == 0 else None
+        if self.static is not None:
+            self.keys, self.values = self.static.new_caches(n)
 
     # -- forwards ---------------------------------------------------------------------------
     def _draft(self, h, rot, last: torch.Tensor) -> torch.Tensor:
@@ -388,8 +406,15 @@ class _Run:
         for b, p in enumerate(self.prompts):
             ids[b, : len(p)] = torch.tensor(p)
         positions = torch.arange(T, device=self.device).expand(B, T)
-        h, rot = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
         last = torch.tensor(lengths, device=self.device) - 1
+        if self.static is not None:  # the same function as the compiled step, run eagerly
+            logits = self.static.forward(ids, positions, self.keys, self.values, last)
+            self.pending = choose(logits)
+            self.cache.commit(last + 1)
+            self._count_forward()
+            self._emit([[t] for t in self.pending.tolist()])
+            return
+        h, rot = self.dec.trunk(ids, positions, self.cache.trunk)  # (B, T, d)
         rows = torch.arange(B, device=self.device)
         z = self.dec.head1_hidden(h, rot, self.cache.heads[0])  # (B, T, d)
         self.pending = choose(self.dec.logits(z[rows, last]))
@@ -404,10 +429,14 @@ class _Run:
         self._emit([[t] for t in self.pending.tolist()])
 
     def plain_step(self, choose) -> None:
-        positions = self.cache.lengths[:, None]  # (B, 1)
-        h, rot = self.dec.trunk(self.pending[:, None], positions, self.cache.trunk)
-        x = self.dec.head1_hidden(h, rot, self.cache.heads[0])[:, 0]  # (B, d)
-        self.pending = choose(self.dec.logits(x))
+        if self.static is not None:
+            logits = self.static.step(self.pending, self.cache.lengths, self.keys, self.values)
+            self.pending = choose(logits)
+        else:
+            positions = self.cache.lengths[:, None]  # (B, 1)
+            h, rot = self.dec.trunk(self.pending[:, None], positions, self.cache.trunk)
+            x = self.dec.head1_hidden(h, rot, self.cache.heads[0])[:, 0]  # (B, d)
+            self.pending = choose(self.dec.logits(x))
         self.cache.commit(1)
         self._count_forward()
         self._emit([[t] for t in self.pending.tolist()])
@@ -524,5 +553,8 @@ class _Run:
             self.cache.select(idx)
             if self.chain is not None:
                 self.chain.select(idx)
+            if self.static is not None:
+                self.keys = [k[idx] for k in self.keys]
+                self.values = [v[idx] for v in self.values]
             self.pending, self.drafts = self.pending[idx], self.drafts[idx]
             self.active = [self.active[r] for r in keep]

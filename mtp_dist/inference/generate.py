@@ -61,17 +61,25 @@ class Generator:
     """A model and its tokenizer, ready to complete prompts."""
 
     def __init__(
-        self, model: MTPModel, tokenizer, *, prefix_eos: bool = True, dtype: str | None = None
+        self,
+        model: MTPModel,
+        tokenizer,
+        *,
+        prefix_eos: bool = True,
+        dtype: str | None = None,
+        compile: bool = False,
     ) -> None:
         """`dtype`: "auto", "fp32" or "bf16" casts the model's parameters for decoding
-        (precision.py; `dtype_warning` then says if bf16 will be slow here); None keeps them."""
+        (precision.py; `dtype_warning` then says if bf16 will be slow here); None keeps them.
+        `compile`: plain steps compiled (compiled.py; raises CompileError where they cannot
+        be)."""
         self.dtype_warning = None
         if dtype is not None:
             model, self.dtype_warning = for_decoding(model, dtype, model.rope_cos.device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prefix_eos = prefix_eos
-        self.decoder = Decoder(model, vocab_limit=tokenizer.vocab_size)
+        self.decoder = Decoder(model, vocab_limit=tokenizer.vocab_size, compile=compile)
 
     @property
     def max_new_tokens(self) -> int:
