@@ -16,10 +16,13 @@ token ids (the exact input our decoder gets). Modes:
           request per prompt over HTTP: the returned text and completion token count
           (stopping at EOS, as `mtp generate` does)
 
-Output: one JSON object, the last line of stdout (vLLM logs there too): {"plain": {"token_ids": [[...]], "seconds": s}, "mtp": {"<k>": {"k": k,
-"token_ids": [[...]], "counters": {"num_drafts": n, "num_draft_tokens": n,
-"num_accepted_tokens": n, "num_accepted_tokens_per_pos": [n, ...]}, "seconds": s}, ...},
-"serve": {"texts": [...], "completion_tokens": [...], "seconds": s}}. A user error (bad arguments, no such directory): argparse's usage and error lines, exit 2.
+Output: one JSON object, the last line of stdout (vLLM logs there too):
+    {"plain": {"token_ids": [[...]], "seconds": s},
+     "mtp": {"<k>": {"k": k, "token_ids": [[...]], "seconds": s,
+                     "counters": {"num_drafts": n, "num_draft_tokens": n, "num_accepted_tokens": n,
+                                  "num_accepted_tokens_per_pos": [n, ...]}}, ...},
+     "serve": {"texts": [...], "completion_tokens": [...], "seconds": s}}
+A user error (bad arguments, no such directory): argparse's usage and error lines, exit 2.
 """
 
 from __future__ import annotations
