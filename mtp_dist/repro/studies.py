@@ -158,21 +158,19 @@ def _story_corpus(cast: str, out: Path, scale: float, smoke: bool) -> list[str]:
     return [f"data.source={path.parent}", "data.include=['**/*.jsonl']"]
 
 
-def _induction_measure(path: Path, smoke: bool) -> dict[str, float]:
-    """Accuracy (head 1, teacher-forced) on the second token of names already mentioned, in
-    held-out stories whose names are random two-token names (`stories.TEST_NAMES`, never in
-    a common-names corpus), and on first mentions as the control."""
+def _mention_accuracy(model, tok, cast: str, count: int) -> dict[bool, float]:
+    """Head-1 accuracy (teacher-forced) on the second token of each name mention in `count`
+    held-out stories of this cast: {True: repeated mentions, False: first mentions}."""
     import random
 
     import torch
 
-    model, tok = _load(path)
     rng = random.Random(EVAL_SEED)
     hits = {True: 0, False: 0}
     seen = {True: 0, False: 0}
     context = model.cfg.max_seq_len
-    for _ in range(16 if smoke else TEST_STORIES):
-        text, names = stories.story(rng, STORY_SENTENCES, "test")
+    for _ in range(count):
+        text, names = stories.story(rng, STORY_SENTENCES, cast)
         ids = [tok.eos_id, *tok.encode(text)][:context]
         assert len(ids) - 1 == min(len(text.encode()), context - 1), "byte tokenizer expected"
         with torch.no_grad():
@@ -182,9 +180,24 @@ def _induction_measure(path: Path, smoke: bool) -> dict[str, float]:
             if p + 1 < len(ids):
                 seen[m.repeat] += 1
                 hits[m.repeat] += pred[p] == ids[p + 1]
+    return {k: hits[k] / max(seen[k], 1) for k in hits}
+
+
+def _induction_measure(path: Path, smoke: bool) -> dict[str, float]:
+    """Accuracy (head 1, teacher-forced) on the second token of names already mentioned, in
+    held-out stories whose names are random two-token names (`stories.TEST_NAMES`, never in
+    a common-names corpus), and on first mentions as the control. `common_*`: the same on
+    held-out stories with common names, whose second letters a model has seen: copying them
+    from an earlier mention, or not, in the training distribution."""
+    model, tok = _load(path)
+    count = 16 if smoke else TEST_STORIES
+    test = _mention_accuracy(model, tok, "test", count)
+    common = _mention_accuracy(model, tok, "common", count)
     return {
-        "induction_acc": hits[True] / max(seen[True], 1),
-        "first_mention_acc": hits[False] / max(seen[False], 1),
+        "induction_acc": test[True],
+        "first_mention_acc": test[False],
+        "common_repeat_acc": common[True],
+        "common_first_acc": common[False],
     }
 
 
@@ -229,7 +242,14 @@ def _induction(name: str, cast: str, title: str, notes: str) -> Study:
             for m in ("induction_acc_best", "induction_acc")
             for s in INDUCTION_SIZES
         ],  # fmt: skip
-        metrics=["induction_acc_best", "induction_acc", "first_mention_acc", "val_loss_head1"],
+        metrics=[
+            "induction_acc_best",
+            "induction_acc",
+            "first_mention_acc",
+            "common_repeat_acc",
+            "common_first_acc",
+            "val_loss_head1",
+        ],  # fmt: skip
         curve="induction_acc",
         curve_points=6,
         smoke_overrides=("data.seq_len=64", "train.micro_batch_size=2"),
