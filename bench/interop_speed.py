@@ -9,6 +9,7 @@ weights. Modes, each on the same held-out prompts (the openings of CPython's tes
 as bench/speculative.py picks them: code the stdlib training corpus leaves out):
 
     mtp_greedy        our Decoder, plain greedy (the reference every output is compared with)
+    mtp_greedy_compiled  with --compile: our Decoder's compiled plain step (compiled.py)
     mtp_speculative   our Decoder, self-speculative (--n-draft: `mtp generate`'s default, auto)
     hf_greedy         transformers `generate(do_sample=False)`
     hf_prompt_lookup  `generate(prompt_lookup_num_tokens=K)`: drafts copied from the prompt
@@ -46,7 +47,7 @@ FIXED = ["tracking.enabled=false", "train.eval_every=0", "train.log_every=50"]
 # A next-token model four times narrower and with a quarter of the layers: cheap enough per
 # forward for drafting to pay, if anything can.
 ASSISTANT = ["model.d_model=64", "model.n_attn_heads=2", "model.n_layers=2", "model.n_future=1"]
-MTP_MODES = ("mtp_greedy", "mtp_speculative")
+MTP_MODES = ("mtp_greedy", "mtp_greedy_compiled", "mtp_speculative")
 HF_MODES = ("hf_greedy", "hf_prompt_lookup", "hf_assisted")
 
 Mode = Callable[[list[list[int]], int], list[list[int]]]
@@ -255,6 +256,9 @@ def main() -> None:
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--repeats", type=int, default=2, help="timings per case (best is kept)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (both sides)")
+    p.add_argument(
+        "--compile", action="store_true", help="also our compiled plain step (mtp_greedy_compiled)"
+    )
     args = p.parse_args()
     if args.batch < 2:
         p.error("--batch must be at least 2 (batch 1 is always measured)")
@@ -276,6 +280,9 @@ def main() -> None:
             "hf_greedy": hf_mode(hf, eos, pad),
             "hf_prompt_lookup": hf_mode(hf, eos, pad, prompt_lookup_num_tokens=args.lookup_tokens),
         }
+        if args.compile:
+            compiled = Decoder(model, vocab_limit=tok.vocab_size, compile=True)
+            modes["mtp_greedy_compiled"] = mtp_mode(compiled, eos)
         if hf_assistant is not None:
             modes["hf_assisted"] = hf_mode(hf, eos, pad, assistant_model=hf_assistant)
         measure(modes, [prompts[:1], prompts[:2]], 1, 16)  # warm-up: first calls allocate
@@ -311,6 +318,7 @@ def main() -> None:
         max_tokens=n,
         n_draft=args.n_draft,
         lookup_tokens=args.lookup_tokens,
+        compile_seconds=round(compiled.compile_seconds, 1) if args.compile else None,
         repeats=args.repeats,
         threads=args.threads,
         setup_seconds=round(setup, 1),

@@ -12,6 +12,14 @@ acceptance rate per head position, speedup, efficiency = speedup / tokens per fo
 paper: 3.05 / 3.50 = 0.87), and whether every output equals plain greedy. The last line printed
 is one JSON object.
 
+On this machine (--machine): plain greedy tokens/s through the eager and the compiled step
+(compiled.py), in fp32 and bf16, batch 1 and --batch, interleaved; in bf16, speculative
+(every draft) against plain greedy prompt by prompt, each mismatch with the top-2 logit gap of
+plain greedy's model at the first diverging token, and n_draft=auto's speedups at batch 1 and
+--batch; and a bandwidth-bound shape (--big-d, --big-vocab: >= 300 MB of random weights): its
+measured step cost per block width in fp32 and bf16 and the speedup those costs give with the
+match rates measured on the trained checkpoint (JSON key "machine_study").
+
 Both families: --checkpoint may be a parallel (`model.mtp_arch=parallel`) or a chained model;
 --chain-checkpoint DIR measures a second one (normally the chained model trained like the first)
 in the same run and adds its results under the JSON key "chained" (the same keys as the top
@@ -32,6 +40,8 @@ import torch
 
 from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
 from mtp_dist.inference import Decoder, Stopper
+from mtp_dist.inference.auto import measure_step_costs
+from mtp_dist.inference.precision import cast_parameters, native_bf16
 from mtp_dist.tracking import log_to_training_run
 
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "test"
@@ -150,6 +160,157 @@ def fused_vs_modules(fused: Decoder, modules: Decoder, prompts, args, eos: int) 
     }
 
 
+def plain_paths(decoders: dict[str, Decoder], groups, args, eos: int) -> dict:
+    """Plain greedy tokens/s of each decoder over prompt groups, interleaved (the order
+    rotating), best of --repeats per group; outputs of the first repeat."""
+    wall = dict.fromkeys(decoders, 0.0)
+    outs: dict[str, list] = {name: [] for name in decoders}
+    names = list(decoders)
+    for dec in decoders.values():  # untimed: a compiled step compiles once more for a batch > 1
+        timed(dec, groups[0], False, argparse.Namespace(**{**vars(args), "max_tokens": 4}), eos)
+    for g, group in enumerate(groups):
+        best = dict.fromkeys(decoders, float("inf"))
+        for rep in range(args.repeats):
+            shift = (g + rep) % len(names)
+            for name in names[shift:] + names[:shift]:
+                w, _, out = timed(decoders[name], group, False, args, eos)
+                best[name] = min(best[name], w)
+                if rep == 0:
+                    outs[name].extend(out.tokens)
+        for name in decoders:
+            wall[name] += best[name]
+    tokens = sum(len(t) for t in outs[names[0]])
+    return {
+        "tokens_per_s": {n: round(tokens / wall[n], 1) for n in names},
+        "identical_to": {n: outs[n] == outs[names[0]] for n in names[1:]},
+        "reference": names[0],
+    }
+
+
+def bf16_identity(model, dec: Decoder, prompts, args, eos: int) -> dict:
+    """bf16 speculative (every draft) vs bf16 plain greedy, prompt by prompt: the fraction
+    identical, and for each mismatch the first diverging index and the top-2 gap of the
+    model's own bf16 logits there (plain greedy's prefix)."""
+    n = model.cfg.n_future - 1
+    mismatches = []
+    for i, q in enumerate(prompts):
+        plain = timed(dec, [q], False, args, eos)[2].tokens[0]
+        spec = dec.run([q], max_new_tokens=args.max_tokens, speculative=True, n_draft=n,
+                       stoppers=[Stopper(eos_id=eos)]).tokens[0]  # fmt: skip
+        if plain == spec:
+            continue
+        j = next(
+            (k for k, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec))
+        )
+        with torch.inference_mode():
+            logits = model.next_token_logits(torch.tensor([q + plain[:j]]))[0, -1].float()
+        top = logits[: dec.vocab_limit].topk(2).values.tolist()
+        mismatches.append({"prompt": i, "at_token": j, "top2_gap": round(top[0] - top[1], 4),
+                           "top2": [round(x, 4) for x in top]})  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "identical_fraction": round(1 - len(mismatches) / len(prompts), 4),
+        "mismatches": mismatches,
+    }
+
+
+def big_shape(model, tok, rates: list[float], args) -> dict:
+    """A bandwidth-bound shape with random weights: step cost per width (measured, fp32 and
+    bf16, batch 1 and --batch) and the speedup those costs give at the trained model's
+    measured match rates `rates` (r_1..r_{n-1}) at the best width."""
+    from mtp_dist.config import ModelConfig
+    from mtp_dist.model import MTPModel
+
+    cfg = model.cfg
+    big_cfg = ModelConfig(
+        vocab_size=args.big_vocab, d_model=args.big_d, n_layers=cfg.n_layers,
+        n_attn_heads=args.big_d // 64, n_future=cfg.n_future, max_seq_len=512,
+        mtp_arch=cfg.mtp_arch,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    big = MTPModel(big_cfg).eval()
+    mb = sum(p.numel() * 4 for p in big.parameters()) / 1e6
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, args.big_vocab, (64,), generator=gen).tolist()
+    out = {"weights_mb_fp32": round(mb), "d_model": args.big_d, "vocab": args.big_vocab,
+           "match_rates_from_trained": [round(r, 4) for r in rates]}  # fmt: skip
+    full = [1.0, *rates]
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        dec = Decoder(cast_parameters(big, dtype))
+        for batch in (1, args.batch):
+            costs = measure_step_costs(dec, [prompt] * batch, cfg.n_future)
+            ratio = {w: costs.ratio(w) for w in costs.seconds}
+            gain = {w: (1 + sum(full[1:w])) / ratio[w] for w in ratio}
+            best = max(gain, key=gain.get)
+            out[f"{name}_batch{batch}"] = {
+                "plain_step_ms": round(costs.seconds[1] * 1e3, 2),
+                "cost_ratio": {str(w): round(r, 3) for w, r in ratio.items()},
+                "expected_speedup": round(gain[best], 3),
+                "best_width": best,
+            }
+    return out
+
+
+def machine_study(checkpoint: str, files: list[Path], args, report: dict) -> dict:
+    """Eager vs compiled, fp32 vs bf16, bf16 identity, the big shape (module docstring)."""
+    import copy
+
+    ckpt = resolve_checkpoint(checkpoint)
+    model, tok = load_for_inference(ckpt, device=args.device)
+    prompts = held_out_prompts(tok, files, args.prompts, args.prompt_tokens)
+    eos, v = tok.eos_id, tok.vocab_size
+    bf16 = cast_parameters(copy.deepcopy(model), torch.bfloat16)
+    decoders = {
+        "fp32_eager": Decoder(model, vocab_limit=v),
+        "bf16_eager": Decoder(bf16, vocab_limit=v),
+    }
+    compile_s = {}
+    for name, m in (("fp32", model), ("bf16", bf16)):
+        dec = Decoder(m, vocab_limit=v, compile=True)
+        decoders[f"{name}_compiled"] = dec
+        compile_s[name] = round(dec.compile_seconds, 1)
+    batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    paths = {"batch1": plain_paths(decoders, [[q] for q in prompts], args, eos),
+             f"batch{args.batch}": plain_paths(decoders, batches, args, eos)}  # fmt: skip
+    for case, r in paths.items():
+        print(f"plain greedy {case} tok/s: {r['tokens_per_s']} identical to fp32 eager: "
+              f"{r['identical_to']}")  # fmt: skip
+    print(f"compile seconds: {compile_s}")
+    dec_bf16 = decoders["bf16_eager"]
+    identity = bf16_identity(bf16, dec_bf16, prompts, args, eos)
+    print(f"bf16 speculative (all drafts) == bf16 greedy: {identity['identical_fraction']:.0%} of "
+          f"{identity['prompts']} prompts; mismatches {identity['mismatches']}")  # fmt: skip
+    warm = argparse.Namespace(**{**vars(args), "repeats": 1})
+    compare(dec_bf16, [prompts[:1], prompts[: args.batch]], warm, eos)  # untimed, as above
+    bf16_single = compare(dec_bf16, [[q] for q in prompts], args, eos)
+    bf16_batched = compare(dec_bf16, batches, args, eos)
+    for case, r in (("batch 1", bf16_single), (f"batch {args.batch}", bf16_batched)):
+        del r["outputs"]
+        print(f"bf16 n_draft={args.n_draft} {case}: speedup {r['speedup']:.2f}x, tokens/forward "
+              f"{r['tokens_per_forward']:.2f}, drafts at end {r['drafts_at_end']}")  # fmt: skip
+    # Match rates r_j of the trained model (fp32, every draft, batch 1) for the big shape.
+    n = model.cfg.n_future - 1
+    sub = argparse.Namespace(**{**vars(args), "n_draft": n, "repeats": 1})
+    stats = compare(decoders["fp32_eager"], [[q] for q in prompts], sub, eos)
+    verified = stats["verified_drafts_per_position"]
+    rates = [a / max(b, 1) for a, b in zip(stats["accepted_drafts_per_position"], verified)]
+    big = big_shape(model, tok, rates, args)
+    for key, r in big.items():
+        if isinstance(r, dict):
+            print(f"big shape ({big['weights_mb_fp32']} MB fp32, random weights) {key}: plain "
+                  f"step {r['plain_step_ms']} ms, a block of w costs {r['cost_ratio']} steps, "
+                  f"expected speedup at the trained model's match rates {r['expected_speedup']}x "
+                  f"(width {r['best_width']})")  # fmt: skip
+    return {
+        "native_bf16": native_bf16(),
+        "compile_seconds": compile_s,
+        "plain_paths": paths,
+        "bf16_identity": identity,
+        "bf16_speculative": {"single": bf16_single, "batched": bf16_batched},
+        "big_shape": big,
+    }
+
+
 def n_draft_value(text: str) -> int | str:
     """--n-draft: a number of draft heads, or auto (mtp generate's default)."""
     return text if text == "auto" else int(text)
@@ -167,7 +328,9 @@ def measure(checkpoint: str, files: list[Path], args) -> tuple[Path, dict, tuple
             f" are shorter than {MIN_TOKENS} tokens"
         )
     dec = Decoder(model, vocab_limit=tok.vocab_size)
-    compare(dec, [prompts[:2]], argparse.Namespace(**{**vars(args), "repeats": 1}), tok.eos_id)
+    warm = argparse.Namespace(**{**vars(args), "repeats": 1})
+    # Untimed: first calls allocate, and n_draft=auto measures step costs once per batch size.
+    compare(dec, [prompts[:1], prompts[: args.batch]], warm, tok.eos_id)
 
     single = compare(dec, [[q] for q in prompts], args, tok.eos_id)
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
@@ -278,6 +441,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timings per case (best is kept)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--machine",
+        action="store_true",
+        help="also eager vs compiled, fp32 vs bf16, bf16 identity, a bandwidth-bound shape",
+    )
+    p.add_argument("--big-d", type=int, default=1024, help="--machine's big shape: d_model")
+    p.add_argument("--big-vocab", type=int, default=32768, help="--machine's big shape: vocab")
     args = p.parse_args()
     if args.prompt_tokens < MIN_TOKENS:
         p.error(f"--prompt-tokens must be at least {MIN_TOKENS}")
@@ -285,6 +455,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     ckpt, report, raw = measure(args.checkpoint, files, args)
+    if args.machine:
+        report["machine_study"] = machine_study(args.checkpoint, files, args, report)
     if args.chain_checkpoint:
         report["chained"] = measure(args.chain_checkpoint, files, args)[1]
     single, batched = raw

@@ -163,8 +163,11 @@ class Decoder:
     RECHECK = 16
     """n_draft="auto": every RECHECK-th run that earlier runs would decode plainly drafts
     again (where drafting could pay at all), to re-measure the match rates."""
-    MIN_PRIOR = 32
-    """n_draft="auto": blocks earlier runs must have verified before their rates decide."""
+    MIN_PRIOR = 1
+    """n_draft="auto": blocks earlier runs must have verified before their rates decide where a
+    run starts. One is enough: its posterior-mean rates (1/3 after a miss, auto.py) already say
+    whether starting to draft can pay, and a run that starts plainly costs nothing to find out
+    again (RECHECK)."""
 
     def __init__(
         self,
