@@ -29,10 +29,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from recipes import FIXED, RECIPE, score, step_seconds
+from recipes import RECIPE, score, step_seconds, train_variant
 
 BENCH = Path(__file__).resolve().parent
 VARIANTS: dict[str, list[str]] = {
@@ -99,17 +98,10 @@ def main() -> None:
         overrides = VARIANTS[name]
         steps = max(20, round(base_steps * costs["parallel"] / costs[name]))
         run_dir = Path(args.out) / name
-        cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
-               f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.ckpt_every={steps}",
-               f"train.warmup_steps={max(10, steps // 15)}"]  # fmt: skip
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            print(f"{name}: training failed: {done.stderr.strip().splitlines()[-1:]}")
+        trained = train_variant(run_dir, overrides, steps)
+        if trained is None:
             continue
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        train_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+        train_s, wall = trained
         q = score(run_dir, args.limit)
         spec = speculative(run_dir, args.batch, args.prompts, args.max_tokens)
         rows.append({

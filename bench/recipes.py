@@ -79,6 +79,23 @@ def step_flops(overrides: list[str]) -> float:
     return flops_per_token(cfg.model, cfg.data.seq_len) * tokens
 
 
+def train_variant(run_dir: Path, overrides: list[str], steps: int) -> tuple[float, float] | None:
+    """`mtp train` the recipe with `overrides` for `steps` into run_dir, as a user's run would
+    (its own tokenizer and shards). (training seconds from its metrics, wall seconds), or None
+    after printing why it failed."""
+    cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
+           f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.ckpt_every={steps}",
+           f"train.warmup_steps={max(10, steps // 15)}"]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        print(f"{run_dir.name}: training failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["tokens"] / r["tokens_per_s"] for r in records), wall
+
+
 def score(run_dir: Path, limit: int) -> dict:
     from mtp_dist.checkpoint import load_for_inference, resolve_checkpoint
     from mtp_dist.config import load_config
@@ -112,18 +129,11 @@ def main() -> None:
             step_s = step_seconds(overrides, args.threads)
         steps = max(20, int(args.budget_s / step_s))
         run_dir = Path(args.out) / name
-        cmd = [sys.executable, "-m", "mtp_dist.cli", "train", str(RECIPE), *FIXED, *overrides,
-               f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.ckpt_every={steps}",
-               f"train.warmup_steps={max(10, steps // 15)}"]  # fmt: skip
-        start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            print(f"{name}: training failed: {done.stderr.strip().splitlines()[-1:]}")
+        trained = train_variant(run_dir, overrides, steps)
+        if trained is None:
             continue
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        records = [json.loads(x) for x in lines]
-        train_s = sum(r["tokens"] / r["tokens_per_s"] for r in records)
+        train_s, wall = trained
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         q = score(run_dir, args.limit)
         # The quality report's own `tokens` are the held-out tokens scored; training's differ.
         rows.append({**q, "name": name, "overrides": overrides, "steps": steps,
