@@ -311,6 +311,81 @@ def machine_study(checkpoint: str, files: list[Path], args, report: dict) -> dic
     }
 
 
+def block_cost(args) -> dict:
+    """The cost of a w-token verify step relative to a 1-token step, w = 1..8, for a model of
+    --block-shape with random weights in bf16 (fp32 on a CPU): compiled.py's static step (trunk
+    + head 1 + unembedding) captured in one CUDA graph per w and replayed (--device cuda; run
+    eagerly on a CPU, the dry run of the plumbing); and the decoder's real steps (drafting
+    included, eager) from auto.py's measure_step_costs. With them, the speedup at the paper's
+    3.5 tokens per forward (n = 4, 7B: 3.05x measured there)."""
+    from mtp_dist.config import ModelConfig
+    from mtp_dist.inference.compiled import StaticStep
+    from mtp_dist.model import MTPModel
+
+    d, layers, ffn, vocab = (int(x) for x in args.block_shape.split(","))
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_attn_heads=max(d // 128, 1),
+                      ffn_hidden=ffn, n_future=4, max_seq_len=1024)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = MTPModel(cfg).eval()
+    cast_parameters(model, dtype)
+    dec = Decoder(model)
+    static = StaticStep(dec)
+    keys, values = static.new_caches(1)
+    ms = {}
+    with torch.inference_mode():
+        for w in range(1, 9):
+            ids = torch.zeros(1, w, dtype=torch.long, device=dev)
+            pos = (torch.arange(w, device=dev) + 512)[None]
+            last = torch.full((1,), w - 1, device=dev)
+            run = lambda i=ids, p=pos, t=last: static.forward(i, p, keys, values, t)  # noqa: E731
+            if dev.type == "cuda":
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        run()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                run = graph.replay
+            best = float("inf")
+            for _ in range(5):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(10):
+                    run()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, (time.perf_counter() - start) / 10)
+            ms[w] = best * 1e3
+    costs = measure_step_costs(dec, [list(range(1, 65))], 4)
+    ratio = {w: ms[w] / ms[1] for w in ms}
+    report = {
+        "shape": {"d_model": d, "layers": layers, "ffn": ffn, "vocab": vocab},
+        "weights_gb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2),
+        "dtype": str(dtype).removeprefix("torch."),
+        "cuda_graphs": dev.type == "cuda",
+        "verify_step_ms": {str(w): round(t, 3) for w, t in ms.items()},
+        "verify_cost_ratio": {str(w): round(r, 3) for w, r in ratio.items()},
+        "decoder_step_cost_ratio": costs.as_dict(),
+        "expected_speedup_at_3.5_tokens_per_forward": {
+            "verify_only": round(3.5 / ratio[4], 3),
+            "with_drafting_eager": round(3.5 / costs.ratio(4), 3),
+            "paper": 3.05,
+        },
+    }
+    print(f"block cost ({report['weights_gb']} GB {report['dtype']}, random weights): "
+          f"w-token verify step / 1-token step {report['verify_cost_ratio']}; decoder steps "
+          f"(drafting included) {report['decoder_step_cost_ratio']}; expected speedup at 3.5 "
+          f"tokens/forward {report['expected_speedup_at_3.5_tokens_per_forward']}")  # fmt: skip
+    return report
+
+
 def n_draft_value(text: str) -> int | str:
     """--n-draft: a number of draft heads, or auto (mtp generate's default)."""
     return text if text == "auto" else int(text)
@@ -446,11 +521,26 @@ def main() -> None:
         action="store_true",
         help="also eager vs compiled, fp32 vs bf16, bf16 identity, a bandwidth-bound shape",
     )
+    p.add_argument(
+        "--block-cost",
+        action="store_true",
+        help="only the cost of a w-token step vs a 1-token step (w = 1..8) of --block-shape, "
+        "random weights, CUDA graphs on --device cuda (JSON key block_cost)",
+    )
+    p.add_argument(
+        "--block-shape",
+        default="4096,32,11008,32000",
+        help="d_model,layers,ffn,vocab of --block-cost (default: 7B-shaped)",
+    )
     p.add_argument("--big-d", type=int, default=1024, help="--machine's big shape: d_model")
     p.add_argument("--big-vocab", type=int, default=32768, help="--machine's big shape: vocab")
     args = p.parse_args()
     if args.prompt_tokens < MIN_TOKENS:
         p.error(f"--prompt-tokens must be at least {MIN_TOKENS}")
+    if args.block_cost:
+        torch.set_num_threads(args.threads)
+        print(json.dumps({"block_cost": block_cost(args)}))
+        return
     files = held_out_files(args.files)  # before the model loads: a wrong DIR fails at once
 
     torch.set_num_threads(args.threads)
