@@ -416,3 +416,22 @@ def test_export_refuses_a_sharded_checkpoint(tmp_path, capsys, runs):
         assert code == 2 and err.count("\n") == 1
         assert "sharded" in err and "mtp checkpoint consolidate" in err
         assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("arch", ["parallel", "chained"])
+def test_export_says_which_engine_will_not_take_it(tmp_path, capsys, arch):
+    """A head width vLLM's CPU attention does not take is said at export time, in one line,
+    and only then: the export is still written (transformers loads it)."""
+    tok = ByteTokenizer()
+    notes = {}
+    for d, heads in ((32, 2), (128, 2)):  # head width 16: refused by vLLM; 64: taken
+        cfg = ModelConfig(vocab_size=320, d_model=d, n_layers=3, n_attn_heads=heads,
+                          n_future=2, max_seq_len=32, mtp_arch=arch)  # fmt: skip
+        torch.manual_seed(0)
+        save_checkpoint(MTPModel(cfg), tok, tmp_path / f"run{d}")
+        code, err = cli(capsys, "export", "hf", str(tmp_path / f"run{d}"), str(tmp_path / f"o{d}"))
+        assert code == 0 and (tmp_path / f"o{d}" / "config.json").is_file()
+        notes[d] = err.strip().splitlines()
+    assert len(notes[32]) == 1 and "head width 16" in notes[32][0], notes[32]
+    assert "vLLM" in notes[32][0]
+    assert notes[128] == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -13,6 +14,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .meta import export_meta as export
     out = export(args.checkpoint, args.out)
     print(f"wrote {out}")
+    if args.export_command == "hf":
+        from ..config import load_config
+        from .hf import engine_notes
+        from .layout import resolve_checkpoint
+
+        model = load_config(resolve_checkpoint(args.checkpoint) / "config.yaml").model
+        for note in engine_notes(model):
+            print(f"mtp export: note: {note}", file=sys.stderr)
     return 0
 
 

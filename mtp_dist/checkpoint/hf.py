@@ -157,6 +157,24 @@ def _heads_index(cfg: ModelConfig) -> dict:
     }
 
 
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head widths vLLM 0.32's CPU attention backend takes (its
+`CPUAttentionBackend.get_supported_head_sizes`); a model of another width does not load there."""
+
+
+def engine_notes(cfg: ModelConfig) -> list[str]:
+    """What a serving engine will not take of this model's export, one line each: said at
+    export time, since the export itself is still right (transformers loads it)."""
+    notes = []
+    if cfg.attn_head_dim not in VLLM_CPU_HEAD_SIZES:
+        notes.append(
+            f"attention head width {cfg.attn_head_dim} is not one vLLM's CPU build takes "
+            f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}): transformers loads this export, "
+            "vLLM on a CPU will refuse it"
+        )
+    return notes
+
+
 def export_hf(source: str | Path, out: str | Path) -> Path:
     """Write the Hugging Face directory of a single-process checkpoint; returns `out`. A
     chained model (model.mtp_arch=chained) goes out in GLM-4.5's layout (glm.py)."""
