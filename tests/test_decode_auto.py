@@ -171,3 +171,17 @@ def test_measured_costs(batch):
     out = dec.run(prompts, max_new_tokens=20, speculative=True, n_draft="auto")
     assert out.tokens == dec.run(prompts, max_new_tokens=20).tokens
     assert out.stats.calibration_seconds > 0 and out.stats.step_cost["1"] == 1.0
+
+
+def test_observed_step_times_correct_the_measured_costs():
+    """Steps of this run slower than measured: their median replaces c_w once OBSERVED steps
+    were timed (a cheaper observation never lowers it)."""
+    costs = StepCosts({1: 1.0, 2: 1.3, 3: 1.6, 4: 2.0})
+    stats = stats_with([0.5, 0.1, 0.05])  # E_2 = 1.5: pays at 1.3, loses at 1.6
+    rule = AutoDrafts(costs)
+    assert rule.keep(stats, 2) == 2
+    few = [1.7] * (AutoDrafts.OBSERVED - 1)
+    assert rule.keep(stats, 2, few) == 2  # too few timings yet
+    assert rule.keep(stats, 2, [*few, 1.0, 1.8]) == 1
+    assert "a block of 2 costs 1.70x" in rule.reason
+    assert AutoDrafts(costs).keep(stats, 2, [0.5] * 9) == 2

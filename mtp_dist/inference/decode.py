@@ -390,6 +390,7 @@ class _Run:
         self.drafts = zeros[:, None][:, :0]  # (B, width-1)
         self.steps = torch.arange(self.width, device=self.device)
         self.auto: AutoDrafts | None = None
+        self.seen: list[float] = []  # n_draft="auto": seconds of the steps at this width
         # Plain runs of a compiled decoder: the static caches of compiled.py instead.
         self.static = dec.static if drafts == 0 else None
         if self.static is not None:
@@ -471,6 +472,7 @@ class _Run:
         return greedy, accepted
 
     def speculative_step(self) -> None:
+        began = time.perf_counter()
         B, w = len(self.active), self.width
         block = torch.cat([self.pending[:, None], self.drafts], dim=1)  # (B, w)
         # Positions past the context end only occur in blocks whose tail cannot be emitted
@@ -502,7 +504,8 @@ class _Run:
         blocks, pend = block.tolist(), self.pending.tolist()
         self._emit([blocks[b][1 : acc[b] + 1] + [pend[b]] for b in range(B)])
         if self.auto is not None:
-            self._narrow(self.auto.keep(self.stats, self.width))
+            self.seen.append(time.perf_counter() - began)
+            self._narrow(self.auto.keep(self.stats, self.width, self.seen))
 
     def _narrow(self, width: int) -> None:
         """Use only the first width-1 draft heads from now on (their caches stay valid);
@@ -510,6 +513,7 @@ class _Run:
         if width == self.width:
             return
         k = width - 1
+        self.seen = []
         if k == 0:
             pass  # the draft heads' caches are no longer read
         elif self.chain is not None:
