@@ -12,8 +12,10 @@ FLOPs per step / the variant's), because a time probe is only as good as the mac
 seconds are reported beside it. Each variant has its own tokenizer and shards as a user's run
 would. Each
 checkpoint is then scored on held-out code (CPython's test suite: next-token bits per byte and
-per-depth accuracy, mtp_dist.eval.quality) and decoded by bench/speculative.py (tokens per
-forward, wall-clock speedup over plain greedy at batch 1 and batch --batch, identical to greedy).
+per-depth accuracy, mtp_dist.eval.quality) and decoded by bench/speculative.py twice: with
+every head / module drafting (tokens per forward, acceptance, wall-clock speedup over plain
+greedy at batch 1 and batch --batch) and with n_draft=auto (what a user gets: plain decoding
+where drafting does not pay on this machine); both identical to greedy.
 
 Variants (n = 4 each):
 - parallel:           the paper's 4 heads, 3 trunk layers moved into heads (the default recipe);
@@ -61,11 +63,11 @@ def step_flops(overrides: list[str]) -> float:
     return flops_per_token(cfg, param_counts(cfg))["model"] * tokens
 
 
-def speculative(run_dir: Path, batch: int, prompts: int, max_tokens: int) -> dict:
+def speculative(run_dir: Path, batch: int, prompts: int, max_tokens: int, n_draft: str) -> dict:
     """bench/speculative.py on the checkpoint: its last line, one JSON object."""
     cmd = [sys.executable, str(BENCH / "speculative.py"), "--checkpoint", str(run_dir),
            "--batch", str(batch), "--prompts", str(prompts), "--max-tokens", str(max_tokens),
-           "--no-mlflow"]  # fmt: skip
+           "--n-draft", n_draft, "--no-mlflow"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench/speculative.py failed: {done.stderr.strip()[-300:]}")
@@ -84,6 +86,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="held-out prompts decoded")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--out", default="/tmp/mtp-families", help="run directories")
+    p.add_argument(
+        "--reuse", action="store_true", help="score and decode the runs already in --out"
+    )
     args = p.parse_args()
     cost = step_seconds if args.probe else step_flops
     costs = {
@@ -98,33 +103,46 @@ def main() -> None:
         overrides = VARIANTS[name]
         steps = max(20, round(base_steps * costs["parallel"] / costs[name]))
         run_dir = Path(args.out) / name
-        trained = train_variant(run_dir, overrides, steps)
+        if args.reuse:
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            trained = sum(r["tokens"] / r["tokens_per_s"] for r in records), float("nan")
+        else:
+            trained = train_variant(run_dir, overrides, steps)
         if trained is None:
             continue
         train_s, wall = trained
         q = score(run_dir, args.limit)
-        spec = speculative(run_dir, args.batch, args.prompts, args.max_tokens)
+        # Every module / head drafting: what the family's drafts are worth (tokens per
+        # forward); n_draft=auto: what a user gets here (plain decoding where drafting loses).
+        full = speculative(run_dir, args.batch, args.prompts, args.max_tokens, "3")
+        auto = speculative(run_dir, args.batch, args.prompts, args.max_tokens, "auto")
         rows.append({
             "name": name, "overrides": overrides, "steps": steps,
             "step_cost_vs_default": costs[name] / costs["parallel"],
             "train_s": train_s, "wall_s": wall,
             "bits_per_byte": q["bits_per_byte"], "head_accuracy": q["head_accuracy"],
-            "tokens_per_forward": spec["tokens_per_forward"],
-            "speedup_batch1": spec["speedup"], "speedup_batched": spec["batched"]["speedup"],
-            "identical_to_greedy": spec["identical_to_greedy"],
+            "tokens_per_forward": full["tokens_per_forward"],
+            "acceptance_rate": full["acceptance_rate"],
+            "speedup_batch1": full["speedup"], "speedup_batched": full["batched"]["speedup"],
+            "auto_speedup_batch1": auto["speedup"],
+            "auto_speedup_batched": auto["batched"]["speedup"],
+            "identical_to_greedy": full["identical_to_greedy"] and auto["identical_to_greedy"],
         })  # fmt: skip
         r = rows[-1]
         print(f"{name}: {steps} steps, train {train_s:.0f} s, bits/byte {r['bits_per_byte']:.3f}, "
-              f"{r['tokens_per_forward']:.2f} tokens/forward, speculative "
-              f"{r['speedup_batch1']:.2f}x (batch {args.batch}: {r['speedup_batched']:.2f}x)",
-              flush=True)  # fmt: skip
+              f"{r['tokens_per_forward']:.2f} tokens/forward, all drafts "
+              f"{r['speedup_batch1']:.2f}x (batch {args.batch}: {r['speedup_batched']:.2f}x), "
+              f"auto {r['auto_speedup_batch1']:.2f}x (batch {args.batch}: "
+              f"{r['auto_speedup_batched']:.2f}x)", flush=True)  # fmt: skip
+    b = f"b{args.batch}"
     print(f"\n{'variant':<20}{'steps':>7}{'train s':>9}{'bits/B':>8}{'tok/fwd':>9}"
-          f"{'b1':>7}{f'b{args.batch}':>7}  acc d1..d4")  # fmt: skip
+          f"{'all b1':>8}{'all ' + b:>8}{'auto b1':>9}{'auto ' + b:>9}  acc d1..d4")  # fmt: skip
     for r in rows:
         acc = " ".join(f"{a:.2f}" for a in r["head_accuracy"])
         print(f"{r['name']:<20}{r['steps']:>7}{r['train_s']:>9.0f}{r['bits_per_byte']:>8.3f}"
-              f"{r['tokens_per_forward']:>9.2f}{r['speedup_batch1']:>6.2f}x"
-              f"{r['speedup_batched']:>6.2f}x  {acc}")  # fmt: skip
+              f"{r['tokens_per_forward']:>9.2f}{r['speedup_batch1']:>7.2f}x"
+              f"{r['speedup_batched']:>7.2f}x{r['auto_speedup_batch1']:>8.2f}x"
+              f"{r['auto_speedup_batched']:>8.2f}x  {acc}")  # fmt: skip
     print(json.dumps({"budget_steps": base_steps, "matched_by": "time" if args.probe else "flops",
                       "limit": args.limit, "batch": args.batch, "variants": rows}))  # fmt: skip
 
