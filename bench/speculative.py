@@ -180,10 +180,12 @@ def plain_paths(decoders: dict[str, Decoder], groups, args, eos: int) -> dict:
         for name in decoders:
             wall[name] += best[name]
     tokens = sum(len(t) for t in outs[names[0]])
+    pairs = [(n, n.replace("_compiled", "_eager")) for n in names if n.endswith("_compiled")]
     return {
         "tokens_per_s": {n: round(tokens / wall[n], 1) for n in names},
         "identical_to": {n: outs[n] == outs[names[0]] for n in names[1:]},
         "reference": names[0],
+        "compiled_identical_to_eager": {c: outs[c] == outs[e] for c, e in pairs if e in outs},
     }
 
 
@@ -272,9 +274,17 @@ def machine_study(checkpoint: str, files: list[Path], args, report: dict) -> dic
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
     paths = {"batch1": plain_paths(decoders, [[q] for q in prompts], args, eos),
              f"batch{args.batch}": plain_paths(decoders, batches, args, eos)}  # fmt: skip
+    # The noise floor of a ratio here: one decoder against itself, timed as everything else.
+    same = {"plain": decoders["fp32_eager"], "plain_again": decoders["fp32_eager"]}
+    control = {}
+    for case, groups in (("batch1", [[q] for q in prompts]), (f"batch{args.batch}", batches)):
+        tps = plain_paths(same, groups, args, eos)["tokens_per_s"]
+        control[case] = round(tps["plain_again"] / tps["plain"], 3)
+    print(f"control: plain greedy against itself {control} (the noise of a ratio here)")
     for case, r in paths.items():
         print(f"plain greedy {case} tok/s: {r['tokens_per_s']} identical to fp32 eager: "
-              f"{r['identical_to']}")  # fmt: skip
+              f"{r['identical_to']}; compiled == eager: "
+              f"{r['compiled_identical_to_eager']}")  # fmt: skip
     print(f"compile seconds: {compile_s}")
     dec_bf16 = decoders["bf16_eager"]
     identity = bf16_identity(bf16, dec_bf16, prompts, args, eos)
@@ -305,6 +315,7 @@ def machine_study(checkpoint: str, files: list[Path], args, report: dict) -> dic
         "native_bf16": native_bf16(),
         "compile_seconds": compile_s,
         "plain_paths": paths,
+        "control_plain_vs_plain": control,
         "bf16_identity": identity,
         "bf16_speculative": {"single": bf16_single, "batched": bf16_batched},
         "big_shape": big,
