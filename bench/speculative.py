@@ -513,8 +513,8 @@ def main() -> None:
         "--n-draft",
         type=n_draft_value,
         default="auto",
-        help="draft heads: a number or auto (default, as mtp generate: all, dropping the last "
-        "while rarely accepted)",
+        help="draft heads: a number or auto (default, as mtp generate: as many as pay by the "
+        "measured step costs and acceptance, possibly none)",
     )
     p.add_argument(
         "--sweep",

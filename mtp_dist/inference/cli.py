@@ -271,8 +271,9 @@ def register(subparsers) -> None:
         "--n-draft",
         type=_draft_count,
         default="auto",
-        help="draft heads (chained models: modules) to use: a number, or auto (default: start "
-        "with all and drop the last while fewer than a quarter of its drafts are accepted)",
+        help="draft heads (chained models: modules) to use: a number, or auto (default: as many "
+        "as pay by the step costs measured on this machine and the measured acceptance; none "
+        "where drafting does not pay: then it decodes plainly and says why)",
     )
     p.add_argument(
         "--compare",

@@ -39,7 +39,8 @@ class GenerationConfig:
     """Greedy self-speculative decoding with the model's extra heads (same output as greedy)."""
     n_draft: int | str | None = "auto"
     """Draft heads used by speculative decoding: a number, None for all (n_future - 1), or
-    "auto": all at first, dropping the last while it is rarely accepted (decode.AutoDrafts)."""
+    "auto": as many as pay by the step costs measured on this machine and the measured
+    acceptance, possibly none (auto.py)."""
     batch_size: int = 8
     """Prompts decoded together."""
     seed: int = 0
