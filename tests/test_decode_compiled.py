@@ -6,6 +6,7 @@ Invariants (docs/speculative_decoding.md, "The compiled step"):
     greedy and sampled with one seed;
   * the static step run eagerly (prefills) equals the FusedBlock path;
   * n_draft="auto" on a compiled decoder that decodes plainly runs the compiled step;
+    compile="auto" takes it at the batch sizes where it measured faster than the eager one;
   * --compile on where inductor cannot compile is one line naming --compile off; auto
     compiles only for commands decoding COMPILE_PAYS_TOKENS or more.
 """
@@ -20,7 +21,7 @@ from mtp_dist.cli import main
 from mtp_dist.config import ModelConfig
 from mtp_dist.inference import Decoder
 from mtp_dist.inference.auto import StepCosts
-from mtp_dist.inference.compiled import COMPILE_PAYS_TOKENS, want_compile
+from mtp_dist.inference.compiled import COMPILE_PAYS_TOKENS, compiled_faster, want_compile
 from mtp_dist.model import MTPModel
 
 
@@ -87,10 +88,30 @@ def test_auto_decoding_plainly_runs_the_compiled_step(model, compiled, monkeypat
     assert spec.tokens == out.tokens
 
 
+def test_compile_auto_takes_the_compiled_step_where_it_measured_faster(
+    model, compiled, monkeypatch
+):
+    """compile="auto": per batch size, the step that measured faster (here injected); the
+    measurement itself runs both and answers."""
+    calls = []
+    step = compiled.static.step
+    monkeypatch.setattr(compiled.static, "step", lambda *a: calls.append(1) or step(*a))
+    monkeypatch.setattr(compiled, "compile_mode", "auto")
+    monkeypatch.setattr(compiled, "_static_pays", {1: False, 4: True})
+    prompts = prompts_for()
+    alone = compiled.run(prompts[:1], max_new_tokens=6)
+    assert calls == []  # eager at batch 1
+    batch = compiled.run(prompts, max_new_tokens=6)
+    assert len(calls) == 5  # compiled at batch 4
+    assert alone.tokens == [reference_greedy(model, prompts[0], 6)]
+    assert batch.tokens == [reference_greedy(model, p, 6) for p in prompts]
+    assert compiled_faster(compiled, prompts[:2], repeats=2) in (True, False)
+
+
 def test_want_compile():
-    assert want_compile("on", 1) and not want_compile("off", 10**9)
-    assert want_compile("auto", COMPILE_PAYS_TOKENS)
-    assert not want_compile("auto", COMPILE_PAYS_TOKENS - 1)
+    assert want_compile("on", 1) == "on" and want_compile("off", 10**9) == "off"
+    assert want_compile("auto", COMPILE_PAYS_TOKENS) == "auto"
+    assert want_compile("auto", COMPILE_PAYS_TOKENS - 1) == "off"
     with pytest.raises(ValueError, match="auto, on or off"):
         want_compile("yes", 1)
 

@@ -171,6 +171,8 @@ def setup_line(generator) -> str:
     dtype = next(model.parameters()).dtype
     step = (
         f"compiled plain step ({dec.compile_seconds:.1f} s to compile)"
+        if dec.compiled and dec.compile_mode == "on"
+        else f"compiled plain step where faster ({dec.compile_seconds:.1f} s to compile)"
         if dec.compiled
         else "eager step (not compiled)"
     )

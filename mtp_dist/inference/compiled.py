@@ -132,6 +132,34 @@ class StaticStep:
         return self._compiled(ids[:, None], pos[:, None], keys, values, zero)
 
 
+def compiled_faster(dec, prompts: list, repeats: int = 12) -> bool:
+    """Whether a plain step of the compiled decoder `dec` at this batch size runs faster than
+    its eager step: both timed on throwaway runs of these prompts, interleaved, best of
+    `repeats` (one untimed step each first). Measured because it is not always so: attention
+    over the whole static cache costs more as rows grow, and the default model's compiled step
+    at batch 8 ran at 0.84x the eager one on the CPU of docs/benchmarks.md ("Decoding on this
+    machine"), 1.29x at batch 1."""
+    from .decode import _Run
+
+    argmax = lambda logits: logits.argmax(dim=-1)  # noqa: E731
+    half = dec.max_len // 2  # prompts cut to half the context: room for the steps taken here
+    prompts = [list(p)[-half:] for p in prompts]
+    runs = {kind: _Run(dec, prompts, repeats + 1, 0, None, static=kind) for kind in (0, 1)}
+    best = {0: float("inf"), 1: float("inf")}
+    with torch.inference_mode():
+        for run in runs.values():
+            run.prefill(argmax)
+        for rep in range(repeats + 1):
+            for kind, run in runs.items():
+                if not run.active:
+                    return best[1] < best[0]
+                start = time.perf_counter()
+                run.plain_step(argmax)
+                if rep:
+                    best[kind] = min(best[kind], time.perf_counter() - start)
+    return best[1] < best[0]
+
+
 COMPILE_PAYS_TOKENS = 100_000
 """--compile auto compiles where a command decodes at least this many tokens. Measured on a
 loaded 2-core AMD EPYC (docs/benchmarks.md, "Decoding on this machine"): compiling the default
@@ -139,8 +167,12 @@ model's step took 37 s cold and 7.5 s with inductor's cache warm, and saved up t
 ~2.5 ms a token; 100,000 tokens pay back a cold compile at a fifth of that saving."""
 
 
-def want_compile(choice: str, tokens: int) -> bool:
-    """--compile auto|on|off for a command that will decode about `tokens` tokens."""
+def want_compile(choice: str, tokens: int) -> str:
+    """The Decoder's `compile` for --compile auto|on|off in a command that will decode about
+    `tokens` tokens: "on", "off", or "auto" (compiled, used at batch sizes where it is
+    faster) where --compile auto and enough tokens."""
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {choice!r}")
-    return choice == "on" or (choice == "auto" and tokens >= COMPILE_PAYS_TOKENS)
+    if choice == "auto":
+        return "auto" if tokens >= COMPILE_PAYS_TOKENS else "off"
+    return choice

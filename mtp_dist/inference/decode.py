@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..model import MTPModel
 from .auto import AutoDrafts, StepCosts, step_costs
 from .chain import ChainDrafts, FusedChainModule
-from .compiled import StaticStep
+from .compiled import StaticStep, compiled_faster
 from .fused import FusedBlock, FusedUnembedding, rms_norm, rotary_table
 from .heads import DraftHeads, chain_module, head_block, unembedding
 from .kv_cache import ModelCache
@@ -176,14 +176,15 @@ class Decoder:
         vocab_limit: int | None = None,
         fused: bool = True,
         step_costs: StepCosts | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         """`fused`: run the trunk and head 1 as `FusedBlock`s (fused.py; the same arithmetic in
         fewer operations); False runs the model's own modules (the benchmark's comparison).
         `step_costs`: what n_draft="auto" takes a step of each width to cost (default: measured
         on first use, auto.py). `compile`: plain decoding steps run compiled with static
-        shapes (compiled.py; compiled here, `compile_seconds`); raises CompileError where
-        torch.compile cannot build them."""
+        shapes (compiled.py; compiled here, `compile_seconds`; raises CompileError where
+        torch.compile cannot build them): True or "on" at every batch size, "auto" at the
+        batch sizes where the compiled step measures faster than the eager one."""
         self.model = model
         self.step_costs = step_costs
         self._history: tuple[list[int], list[int]] | None = None  # auto runs' (matched, verified)
@@ -210,7 +211,11 @@ class Decoder:
         self.modules = [FusedChainModule(m) for m in modules] if fused else modules
         self.static: StaticStep | None = None
         self.compile_seconds = 0.0
-        if compile:
+        self.compile_mode = {True: "on", False: "off"}.get(compile, compile)
+        self._static_pays: dict[int, bool] = {}
+        if self.compile_mode not in ("on", "off", "auto"):
+            raise ValueError(f"compile must be True, False, on, off or auto, got {compile!r}")
+        if self.compile_mode != "off":
             self.static = StaticStep(self)
             with torch.inference_mode():
                 self.compile_seconds = self.static.compile()
@@ -218,6 +223,17 @@ class Decoder:
     @property
     def compiled(self) -> bool:
         return self.static is not None
+
+    def static_pays(self, prompts) -> bool:
+        """Whether plain runs of this batch size take the compiled step (compile="auto": where
+        it measured faster than the eager one, once per batch size; compiled.py)."""
+        if self.static is None:
+            return False
+        if self.compile_mode == "on":
+            return True
+        if len(prompts) not in self._static_pays:
+            self._static_pays[len(prompts)] = compiled_faster(self, prompts)
+        return self._static_pays[len(prompts)]
 
     def trunk(self, ids: torch.Tensor, positions: torch.Tensor, caches):
         """(B, T) ids at positions (B, T) -> trunk output h (B, T, d) and the rotary factors
@@ -361,7 +377,17 @@ class Decoder:
 class _Run:
     """The state of one `Decoder.run`: rows of the batch are the still-active sequences."""
 
-    def __init__(self, dec: Decoder, prompts, max_new_tokens: int, drafts: int, stoppers):
+    def __init__(
+        self,
+        dec: Decoder,
+        prompts,
+        max_new_tokens: int,
+        drafts: int,
+        stoppers,
+        static: bool | None = None,
+    ):
+        """`static`: plain steps through the compiled step (None: where the decoder's
+        `static_pays` says)."""
         self.dec, self.model = dec, dec.model
         self.width = 1 + drafts
         self.max_len = self.model.cfg.max_seq_len
@@ -392,7 +418,9 @@ class _Run:
         self.auto: AutoDrafts | None = None
         self.seen: list[float] = []  # n_draft="auto": seconds of the steps at this width
         # Plain runs of a compiled decoder: the static caches of compiled.py instead.
-        self.static = dec.static if drafts == 0 else None
+        if static is None:
+            static = drafts == 0 and dec.static_pays(prompts)
+        self.static = dec.static if static else None
         if self.static is not None:
             self.keys, self.values = self.static.new_caches(n)
 

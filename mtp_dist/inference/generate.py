@@ -68,12 +68,12 @@ class Generator:
         *,
         prefix_eos: bool = True,
         dtype: str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         """`dtype`: "auto", "fp32" or "bf16" casts the model's parameters for decoding
         (precision.py; `dtype_warning` then says if bf16 will be slow here); None keeps them.
-        `compile`: plain steps compiled (compiled.py; raises CompileError where they cannot
-        be)."""
+        `compile`: plain steps compiled (Decoder's `compile`: True/"on", "auto", False/"off";
+        raises CompileError where they cannot be)."""
         self.dtype_warning = None
         if dtype is not None:
             model, self.dtype_warning = for_decoding(model, dtype, model.rope_cos.device)
