@@ -21,8 +21,9 @@ length before the step: the newly known positions (they are kept) and then the d
 Each module's window starts one position before the previous module's (len_k = len_{k-1} - 1),
 so the previous module's output at its last kept position is carried from step to step.
 
-docs/speculative_decoding.md ("Chained models") compares this with vLLM, which runs modules
-k >= 2 only on new draft positions.
+docs/speculative_decoding.md ("Chained models") compares this with the engines: vLLM 0.32's
+CPU build drafts every position with module 1, and transformers' use_mtp does not zero the
+embedding at position 0.
 """
 
 from __future__ import annotations
