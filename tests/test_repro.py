@@ -150,6 +150,17 @@ def test_verdict_needs_a_difference_larger_than_the_spread(a, b, verdict):
     assert lower["verdicts"][0]["verdict"] == verdict
 
 
+def test_curve_mean_keeps_the_steps_every_seed_has():
+    """A resumed run's extra checkpoint (saved on SIGTERM) is left out of the mean over seeds,
+    not paired with another seed's next checkpoint."""
+    from mtp_dist.repro.study import curve_mean
+
+    a = [(421, 0.1), (500, 0.2), (1000, 0.4)]
+    b = [(500, 0.4), (1000, 0.6)]
+    assert curve_mean([a, b, []]) == ([500, 1000], [pytest.approx(0.3), pytest.approx(0.5)])
+    assert curve_mean([a]) == ([421, 500, 1000], [0.1, 0.2, 0.4]) and curve_mean([]) == ([], [])
+
+
 def test_docs_section_is_replaced_not_duplicated(tmp_path):
     doc = tmp_path / "reproductions.md"
     doc.write_text("# Reproductions\n\nintro\n")

@@ -190,6 +190,18 @@ def report_markdown(study: Study, summary: dict, seeds: int, scale: float, resul
     return "\n".join(lines) + "\n"
 
 
+def curve_mean(curves: list[list]) -> tuple[list[int], list[float]]:
+    """The mean over seeds at each step every non-empty curve has: a run stopped and resumed
+    has an extra checkpoint (the trainer saves one on SIGTERM) that the other seeds lack."""
+    curves = [c for c in curves if c]
+    by_step: dict[int, list[float]] = {}
+    for c in curves:
+        for step, value in c:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(s for s, vs in by_step.items() if len(vs) == len(curves))
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
 def plot(study: Study, summary: dict, results: list[dict], out: Path) -> Path:
     import matplotlib
 
@@ -212,10 +224,8 @@ def plot(study: Study, summary: dict, results: list[dict], out: Path) -> Path:
     if study.curve:
         ax = axes[0][1]
         for lab in labels:
-            curves = [r["curve"] for r in results if r["variant"] == lab and r["curve"]]
-            if curves:
-                steps = [s for s, _ in curves[0]]
-                mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
+            steps, mean = curve_mean([r["curve"] for r in results if r["variant"] == lab])
+            if steps:
                 ax.plot(steps, mean, marker="o", label=lab)
         ax.set_xlabel("training step")
         ax.set_title(f"{study.curve} (mean over seeds)")
