@@ -40,6 +40,12 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def only_engine_notes(err: str) -> bool:
+    """An export's stderr holds nothing but `mtp export: note:` lines (what an engine will not
+    take of a small test model, e.g. vLLM's CPU head widths)."""
+    return all(line.startswith("mtp export: note: ") for line in err.splitlines())
+
+
 def train_chained(tok, texts: list[str], *, steps: int, **options) -> MTPModel:
     """A chained model (2 trunk layers, 3 depths, d 32) trained briefly on the texts: enough for
     its modules' drafts to be accepted sometimes, not always."""
@@ -150,7 +156,8 @@ def sample_ids(tok, length: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["plain", "options", "trained"])
 def test_export_matches_transformers_depth_by_depth(tmp_path, capsys, runs, kind):
     out = tmp_path / "glm"
-    assert cli(capsys, "export", "hf", str(runs[kind]), str(out)) == (0, "")
+    code, err = cli(capsys, "export", "hf", str(runs[kind]), str(out))
+    assert code == 0 and only_engine_notes(err), err
     ours, tok = load_for_inference(runs[kind])
     cfg, config = ours.cfg, json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Glm4MoeForCausalLM"]
@@ -222,7 +229,8 @@ def test_mtp_generation_equals_greedy_and_accepts_what_ours_does(tmp_path, capsy
     """generate(use_mtp=True) == its plain greedy == our greedy, and per block position the
     drafts transformers accepts are the ones our chained speculative decoding accepts."""
     out = tmp_path / "glm"
-    assert cli(capsys, "export", "hf", str(runs["trained"]), str(out)) == (0, "")
+    code, err = cli(capsys, "export", "hf", str(runs["trained"]), str(out))
+    assert code == 0 and only_engine_notes(err), err
     ours, tok = load_for_inference(runs["trained"])
     hf = load_hf(out)
     n, new = ours.cfg.n_future, 48
