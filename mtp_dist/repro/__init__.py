@@ -2,5 +2,5 @@
 
 polynomials.py and stories.py generate the synthetic tasks (and score answers exactly);
 study.py runs variants x seeds, summarises them and judges the paper's claims; studies.py
-defines the four studies. Results: docs/reproductions.md.
+defines the studies. Results: docs/reproductions.md.
 """

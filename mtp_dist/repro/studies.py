@@ -1,4 +1,5 @@
-"""The four reproduction studies: n on code, induction, polynomial arithmetic, bytes.
+"""The reproduction studies: n on code, induction (the paper's protocol and App. J's),
+polynomial arithmetic, bytes.
 
 Each is a `Study` (study.py): variants as overrides of a shipped recipe, a corpus, what is
 measured on a trained run, and the paper's finding as claims. Default sizes are for the 2-core
