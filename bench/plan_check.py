@@ -142,8 +142,11 @@ def predicted(args: argparse.Namespace, name: str) -> dict:
     grads = 0 if lay.local_engine else 1
     steps = [r.step + grads * r.gradients for r in plan.ranks]
     states = [r.weights + r.gradients + r.optimizer for r in plan.ranks]
-    return {"predicted_step_mb": round(max(steps) / 2**20, 1),
-            "model_states_mb": round(max(states) / 2**20, 1), "layout": lay.name()}
+    return {
+        "predicted_step_mb": round(max(steps) / 2**20, 1),
+        "model_states_mb": round(max(states) / 2**20, 1),
+        "layout": lay.name(),
+    }
 
 
 def free_port() -> int:
@@ -182,8 +185,11 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         if p.returncode:
             raise SystemExit(f"plan_check: layout {name} failed: {err.strip().splitlines()[-1]}")
         ranks.append(json.loads(out.strip().splitlines()[-1]))
-    return {"measured_step_mb": max(r["step_mb"] for r in ranks),
-            "allocated_step_mb": max(r["allocated_step_mb"] for r in ranks), "ranks": ranks}
+    return {
+        "measured_step_mb": max(r["step_mb"] for r in ranks),
+        "allocated_step_mb": max(r["allocated_step_mb"] for r in ranks),
+        "ranks": ranks,
+    }
 
 
 def main() -> None:
@@ -222,10 +228,13 @@ def main() -> None:
         row["error"] = round(row["predicted_step_mb"] / row["measured_step_mb"] - 1, 3)
         row["error_allocated"] = round(row["predicted_step_mb"] / row["allocated_step_mb"] - 1, 3)
         rows[name] = row
-        print(f"{name:<16}{row['layout']:<30}{row['model_states_mb']:>10.1f}"
-              f"{row['predicted_step_mb']:>9.1f}{row['allocated_step_mb']:>9.1f}"
-              f"{row['error_allocated']:>+8.1%}{row['measured_step_mb']:>9.1f}"
-              f"{row['error']:>+8.1%}", flush=True)
+        print(
+            f"{name:<16}{row['layout']:<30}{row['model_states_mb']:>10.1f}"
+            f"{row['predicted_step_mb']:>9.1f}{row['allocated_step_mb']:>9.1f}"
+            f"{row['error_allocated']:>+8.1%}{row['measured_step_mb']:>9.1f}"
+            f"{row['error']:>+8.1%}",
+            flush=True,
+        )
     config_ = {k: v for k, v in vars(args).items() if k not in ("layout", "child", "port")}
     print(json.dumps({"config": config_, "layouts": rows}))
 

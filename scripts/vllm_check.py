@@ -1,6 +1,7 @@
 """Runs an exported model in vLLM (CPU build) and prints what it generated, as one JSON object.
 
-    ~/.cache/mtp_dist/venv-vllm/bin/python scripts/vllm_check.py DIR --prompt-ids '[[0, 5, 9], [0, 7]]' \\
+    ~/.cache/mtp_dist/venv-vllm/bin/python scripts/vllm_check.py DIR \\
+        --prompt-ids '[[0, 5, 9], [0, 7]]' \\
         --max-tokens 24 --k 1,2 [--modes plain,mtp,serve]
 
 DIR is a GLM-4.5-layout directory (`mtp export hf` of a chained model). Runs in the venv of
