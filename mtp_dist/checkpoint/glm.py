@@ -40,6 +40,7 @@ import torch
 
 from ..config import ConfigError, DataConfig, ModelConfig, RunConfig, validate
 from ..model import ParamSpec, parameter_table
+from .hf import decoder_config
 from .layout import CheckpointError
 
 ARCH = "Glm4MoeForCausalLM"
@@ -147,21 +148,9 @@ def glm_config(cfg: ModelConfig, tokenizer, rope: dict) -> dict:
         # transformers' own class finds the MTP layers only at GLM-4.5's depths; with
         # trust_remote_code=True AutoModelForCausalLM takes this file's subclass instead.
         "auto_map": {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MTP_CLASS}"},
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_width,
-        "num_hidden_layers": cfg.trunk_layers + 1,
+        **decoder_config(cfg, tokenizer, rope),
         "num_nextn_predict_layers": cfg.n_future - 1,
-        "num_attention_heads": cfg.n_attn_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.attn_head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": rope,
-        "rope_scaling": None if rope["rope_type"] == "default" else rope,
         "partial_rotary_factor": 1.0,
-        "max_position_embeddings": cfg.max_seq_len,
         "attention_bias": cfg.attn_bias,
         "use_qk_norm": False,
         "first_k_dense_replace": moe.first_moe,
@@ -173,12 +162,6 @@ def glm_config(cfg: ModelConfig, tokenizer, rope: dict) -> dict:
         "topk_group": 1,
         "norm_topk_prob": True,
         "routed_scaling_factor": 1.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "torch_dtype": "float32",
-        "dtype": "float32",
     }
 
 

@@ -99,19 +99,10 @@ def rope_parameters(cfg: ModelConfig) -> dict:
     return params
 
 
-def hf_config(cfg: ModelConfig, tokenizer) -> dict:
-    """config.json of the next-token model. vocab_size is the model's embedding size (ours:
-    padded); the tokenizer's ids are its first tokenizer.vocab_size rows.
-
-    A model with q/k/v biases (imported from Qwen2) goes out as `Qwen2ForCausalLM`, the only
-    one of the two whose biases are q/k/v alone (Llama's `attention_bias` also biases o)."""
-    rope = rope_parameters(cfg)
-    arch, model_type = (
-        ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama")
-    )
-    out = {
-        "architectures": [arch],
-        "model_type": model_type,
+def decoder_config(cfg: ModelConfig, tokenizer, rope: dict) -> dict:
+    """The config.json keys every Llama-family layout we write shares (Llama, Qwen2, GLM-4.5):
+    shapes, norm, rotary embedding (`rope`: rope_parameters), special tokens and dtype."""
+    return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_width,
@@ -132,6 +123,22 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
         "pad_token_id": tokenizer.pad_id,
         "torch_dtype": "float32",
         "dtype": "float32",
+    }
+
+
+def hf_config(cfg: ModelConfig, tokenizer) -> dict:
+    """config.json of the next-token model. vocab_size is the model's embedding size (ours:
+    padded); the tokenizer's ids are its first tokenizer.vocab_size rows.
+
+    A model with q/k/v biases (imported from Qwen2) goes out as `Qwen2ForCausalLM`, the only
+    one of the two whose biases are q/k/v alone (Llama's `attention_bias` also biases o)."""
+    arch, model_type = (
+        ("Qwen2ForCausalLM", "qwen2") if cfg.attn_bias else ("LlamaForCausalLM", "llama")
+    )
+    out = {
+        "architectures": [arch],
+        "model_type": model_type,
+        **decoder_config(cfg, tokenizer, rope_parameters(cfg)),
     }
     if cfg.attn_bias:  # Qwen2: no sliding window anywhere
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=0)
