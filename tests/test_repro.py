@@ -44,6 +44,23 @@ def test_show_and_parse_round_trip_and_reject():
         assert pl.parse(bad) is None, bad
 
 
+def test_dense_notation_round_trips_and_names_the_same_problems():
+    assert pl.show(pl.poly(1, 6, 0, 0, 3), "dense") == "16003"
+    assert pl.show(pl.poly(), "dense") == "00000"
+    rng = random.Random(2)
+    for _ in range(200):
+        p = pl.poly(*(rng.randrange(7) for _ in range(5)))
+        assert pl.parse(pl.show(p, "dense"), "dense") == p
+    for bad in ("", "1600", "160030", "16007", "1600x", "x"):
+        assert pl.parse(bad, "dense") is None, bad
+    e = pl.Expr("*", (pl.Expr("leaf", value=pl.add(X, pl.poly(1))),
+                      pl.Expr("neg", (pl.Expr("leaf", value=X),))))  # fmt: skip
+    assert e.text("dense") == "((11000)*-(01000))"
+    # the same seed gives the same expressions in both notations, so the answers agree
+    sparse, dense = (pl.problems(5, 40, range(1, 6), n) for n in ("sparse", "dense"))
+    assert [pl.parse(a) for _, a in sparse] == [pl.parse(a, "dense") for _, a in dense]
+
+
 def test_expressions_have_their_operation_count_and_text_evaluates():
     rng = random.Random(1)
     for ops in range(0, 11):

@@ -50,7 +50,11 @@ def compose(p: Poly, q: Poly) -> Poly:
     return out
 
 
-def show(p: Poly) -> str:
+def show(p: Poly, notation: str = "sparse") -> str:
+    """The canonical text of p: `sparse` (`3x^2+1`) or `dense` (`10300`, the coefficients of
+    x^0 .. x^4, one digit each, always five)."""
+    if notation == "dense":
+        return "".join(str(a) for a in p)
     terms = []
     for power in range(N - 1, -1, -1):
         a = p[power]
@@ -64,9 +68,13 @@ def show(p: Poly) -> str:
 _TERM = re.compile(r"^(\d*)(x(?:\^(\d+))?)?$")
 
 
-def parse(text: str) -> Poly | None:
-    """The ring element a written answer denotes (any term order, repeated powers summed),
-    or None when it is not a polynomial in this notation."""
+def parse(text: str, notation: str = "sparse") -> Poly | None:
+    """The ring element a written answer denotes (sparse: any term order, repeated powers
+    summed), or None when it is not a polynomial in this notation."""
+    if notation == "dense":
+        text = text.strip()
+        ok = len(text) == N and all(c in "0123456" for c in text)
+        return tuple(int(c) for c in text) if ok else None
     coeffs = [0] * N
     for term in text.strip().split("+"):
         m = _TERM.match(term)
@@ -90,12 +98,12 @@ class Expr:
     def operations(self) -> int:
         return 0 if self.op == "leaf" else 1 + sum(a.operations for a in self.args)
 
-    def text(self) -> str:
+    def text(self, notation: str = "sparse") -> str:
         if self.op == "leaf":
-            return f"({show(self.value)})"
+            return f"({show(self.value, notation)})"
         if self.op == "neg":
-            return f"-{self.args[0].text()}"
-        left, right = (a.text() for a in self.args)
+            return f"-{self.args[0].text(notation)}"
+        left, right = (a.text(notation) for a in self.args)
         return f"({left}{self.op}{right})"
 
 
@@ -127,14 +135,16 @@ def random_expr(rng: random.Random, operations: int) -> Expr:
     return Expr(op, (random_expr(rng, left), random_expr(rng, operations - 1 - left)))
 
 
-def problem(rng: random.Random, operations: int) -> tuple[str, str]:
+def problem(rng: random.Random, operations: int, notation: str = "sparse") -> tuple[str, str]:
     """(prompt `EXPR=`, canonical answer)."""
     e = random_expr(rng, operations)
-    return e.text() + "=", show(evaluate(e))
+    return e.text(notation) + "=", show(evaluate(e), notation)
 
 
-def problems(seed: int, count: int, operations: range) -> list[tuple[str, str]]:
-    """`count` problems, operation counts cycling through `operations`, deterministic in seed."""
+def problems(seed: int, count: int, operations: range,
+             notation: str = "sparse") -> list[tuple[str, str]]:  # fmt: skip
+    """`count` problems, operation counts cycling through `operations`, deterministic in seed
+    (the same expressions in either notation)."""
     rng = random.Random(seed)
     ops = list(operations)
-    return [problem(rng, ops[k % len(ops)]) for k in range(count)]
+    return [problem(rng, ops[k % len(ops)], notation) for k in range(count)]
