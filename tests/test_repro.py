@@ -167,6 +167,34 @@ def test_verdict_needs_a_difference_larger_than_the_spread(a, b, verdict):
     assert lower["verdicts"][0]["verdict"] == verdict
 
 
+def test_a_difference_below_the_floor_is_not_judged():
+    """Induction's claim is that copying forms: two variants both below chance differ in noise,
+    however consistent across seeds; one above the floor is judged as usual."""
+    below = {"a": [0.016, 0.015, 0.016], "b": [0.012, 0.013, 0.012]}
+    chance = Claim("a", "b", "m", floor=1 / 26, floor_means="chance")
+    assert (
+        summarise(_study([Claim("a", "b", "m")]), _results(below))["verdicts"][0]["verdict"]
+        == "reproduced"
+    )  # the spread rule alone would call it
+    verdict = summarise(_study([chance]), _results(below))["verdicts"][0]["verdict"]
+    assert verdict == "inconclusive (both at or below 0.038, chance)"
+    above = {"a": [0.30, 0.32, 0.31], "b": [0.012, 0.013, 0.012]}
+    assert summarise(_study([chance]), _results(above))["verdicts"][0]["verdict"] == "reproduced"
+
+    # the floor read on another metric: out of domain is judged only once in domain is learnt
+    def rows(ood, ind):
+        return [{"variant": v, "seed": k, "metrics": {"m": ood[v][k], "in": ind[v][k]},
+                 "curve": []} for v in ood for k in range(3)]  # fmt: skip
+
+    ood = {"a": [0.15, 0.16, 0.15], "b": [0.05, 0.06, 0.05]}
+    learnt = Claim("a", "b", "m", floor=0.2, floor_means="not learnt", floor_metric="in")
+    for ind, verdict in (
+        ({"a": [0.1] * 3, "b": [0.1] * 3}, "inconclusive (both at or below 0.200, not learnt)"),
+        ({"a": [0.1] * 3, "b": [0.3] * 3}, "reproduced"),
+    ):
+        assert summarise(_study([learnt]), rows(ood, ind))["verdicts"][0]["verdict"] == verdict
+
+
 def test_curve_mean_keeps_the_steps_every_seed_has():
     """A resumed run's extra checkpoint (saved on SIGTERM) is left out of the mean over seeds,
     not paired with another seed's next checkpoint."""

@@ -9,7 +9,8 @@ ours, a verdict per claim) and `plot.png`, and logs one MLflow parent run with a
 (variant, seed). A claim is *reproduced* when the mean difference is in the paper's direction
 and larger than the spread of both variants (the largest distance of a seed from its mean),
 *not reproduced* when it is that large the other way, and *inconclusive* otherwise: no claim
-of a difference smaller than the spread.
+of a difference smaller than the spread, nor of one between two variants that both sit at or
+below the claim's floor (chance, or the level where the capability compared starts).
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ class Claim:
     worse: str
     metric: str
     higher_is_better: bool = True
+    floor: float | None = None
+    """For a higher-is-better metric, the level at or below which it shows no capability at all
+    (chance, or the accuracy a comparison needs): when both variants' means are there, the claim
+    is not judged, whatever the difference."""
+    floor_means: str = ""
+    """What the floor is, in a few words (for the verdict)."""
+    floor_metric: str | None = None
+    """The metric the floor is read on (default: `metric`), e.g. in-domain accuracy for a claim
+    out of domain: a model that has not learnt the task in domain has nothing to extrapolate."""
 
 
 @dataclass
@@ -154,8 +164,13 @@ def summarise(study: Study, results: list[dict]) -> dict:
             continue
         diff = (a["mean"] - b["mean"]) * (1 if c.higher_is_better else -1)
         margin = max(a["spread"], b["spread"])
+        on = c.floor_metric or c.metric
+        level = [table.get(v, {}).get(on, {}).get("mean") for v in (c.better, c.worse)]
+        below = c.floor is not None and all(x is not None and x <= c.floor for x in level)
         if min(a["n"], b["n"]) < 2:
             verdict = "inconclusive (fewer than 2 seeds)"
+        elif below:
+            verdict = f"inconclusive (both at or below {c.floor:.3f}, {c.floor_means})"
         elif diff > margin:
             verdict = "reproduced"
         elif -diff > margin:
