@@ -178,6 +178,8 @@ def test_a_difference_below_the_floor_is_not_judged():
     )  # the spread rule alone would call it
     verdict = summarise(_study([chance]), _results(below))["verdicts"][0]["verdict"]
     assert verdict == "inconclusive (both at or below 0.038, chance)"
+    one_seed = summarise(_study([chance]), _results({"a": [0.016], "b": [0.012]}))
+    assert one_seed["verdicts"][0]["verdict"] == verdict  # more seeds would not change it
     above = {"a": [0.30, 0.32, 0.31], "b": [0.012, 0.013, 0.012]}
     assert summarise(_study([chance]), _results(above))["verdicts"][0]["verdict"] == "reproduced"
 

@@ -167,10 +167,10 @@ def summarise(study: Study, results: list[dict]) -> dict:
         on = c.floor_metric or c.metric
         level = [table.get(v, {}).get(on, {}).get("mean") for v in (c.better, c.worse)]
         below = c.floor is not None and all(x is not None and x <= c.floor for x in level)
-        if min(a["n"], b["n"]) < 2:
-            verdict = "inconclusive (fewer than 2 seeds)"
-        elif below:
+        if below:  # first: no number of seeds would make this the paper's claim
             verdict = f"inconclusive (both at or below {c.floor:.3f}, {c.floor_means})"
+        elif min(a["n"], b["n"]) < 2:
+            verdict = "inconclusive (fewer than 2 seeds)"
         elif diff > margin:
             verdict = "reproduced"
         elif -diff > margin:
@@ -236,12 +236,21 @@ def plot(study: Study, summary: dict, results: list[dict], out: Path) -> Path:
         ax.plot([k] * len(ys), ys, "k.", alpha=0.6)
     ax.set_title(metric)
     ax.tick_params(axis="x", rotation=30)
+    floors = {c.floor_metric or c.metric: c for c in study.claims if c.floor is not None}
+
+    def draw_floor(ax, on: str) -> None:  # a bar below this line shows no capability
+        if on in floors:
+            c = floors[on]
+            ax.axhline(c.floor, color="grey", linestyle="--", label=f"floor: {c.floor_means}")
+
+    draw_floor(ax, metric)
     if study.curve:
         ax = axes[0][1]
         for lab in labels:
             steps, mean = curve_mean([r["curve"] for r in results if r["variant"] == lab])
             if steps:
                 ax.plot(steps, mean, marker="o", label=lab)
+        draw_floor(ax, study.curve)
         ax.set_xlabel("training step")
         ax.set_title(f"{study.curve} (mean over seeds)")
         ax.legend()
